@@ -42,7 +42,7 @@ HOST_A_ADDR, HOST_B_ADDR, PREFIX = "198.18.0.1", "198.18.0.2", 24
 DEFAULT_RXE = "rxe0"
 
 
-class rdma_nldev_msg(nlmsg):  # noqa: N801 - pyroute2's naming convention for messages
+class rdma_nldev_msg(nlmsg):  # type: ignore[misc]  # pyroute2 names its messages so
     """An RDMA_NL_NLDEV message: no fixed header, just attributes."""
 
     nla_map = (
@@ -90,7 +90,6 @@ def rdma_link_add(name: str, netdev: str, link_type: str = "rxe") -> None:
 def rdma_link_del(name: str) -> None:
     index = int((Path("/sys/class/infiniband") / name / "ibdev_index").read_text()) \
         if (Path("/sys/class/infiniband") / name / "ibdev_index").exists() else None
-    attrs: list[tuple[str, Any]] = [("RDMA_NLDEV_ATTR_DEV_NAME", name)]
     if index is None:
         # DELLINK wants the device index; find it with a dump.
         for m in _rdma_request(RDMA_NLDEV_CMD_GET, [], NLM_F_REQUEST | NLM_F_DUMP):

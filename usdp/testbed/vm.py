@@ -120,9 +120,9 @@ def ensure_image() -> GuestImage:
     initramfs = root / "initramfs.cpio"
     stamp = root / "initramfs.stamp"
     want_stamp = f"{_init_script_version()} {' '.join(GUEST_MODULES)}"
-    if kernel.exists() and initramfs.exists() and stamp.exists():
-        if stamp.read_text() == want_stamp:
-            return GuestImage(kernel, initramfs, kver)
+    if (kernel.exists() and initramfs.exists() and stamp.exists()
+            and stamp.read_text() == want_stamp):
+        return GuestImage(kernel, initramfs, kver)
     root.mkdir(parents=True, exist_ok=True)
     tree = root / "pkg"
     if not (tree / "boot" / f"vmlinuz-{kver}").exists():
@@ -261,10 +261,7 @@ def _guest_script(spec: HostSpec, hosts: int, env: dict[str, str]) -> str:
     if not py.exists():
         py = Path(sys.executable)
     exports = "\n".join(f"export {k}={shlex.quote(v)}" for k, v in sorted(env.items()))
-    if isinstance(spec.command, str):
-        cmd = spec.command
-    else:
-        cmd = shlex.join(spec.command)
+    cmd = spec.command if isinstance(spec.command, str) else shlex.join(spec.command)
     if hosts == 1:
         up = f"{shlex.quote(str(py))} -m usdp.testbed.rxe up --veth"
     else:
@@ -272,6 +269,8 @@ def _guest_script(spec: HostSpec, hosts: int, env: dict[str, str]) -> str:
     return f"""set -e
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export HOME=/root LANG=C.UTF-8 PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+{"" if sys.stdout.isatty() else "export PY_COLORS=0 TERM=dumb"}
+echo "[rxe-vm] host {spec.name}: userspace after $(cut -d' ' -f1 /proc/uptime)s" >&2
 {exports}
 cd {shlex.quote(str(PROJECT_ROOT))}
 {up} >&2

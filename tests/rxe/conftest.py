@@ -1,0 +1,91 @@
+"""Fixtures for tests that need a real rxe device (the test bed provides one).
+
+Every test in this folder is marked ``rxe``. Without a device they are skipped, and the
+project's test command fails a run in which any rxe test was skipped or none ran.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from usdp.testbed import rxe
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.rxe)
+
+
+@pytest.fixture(scope="session")
+def rxe_dev() -> str:
+    """The name of the local rxe device (``USDP_RXE_DEV``), checked to be ACTIVE."""
+    dev = os.environ.get("USDP_RXE_DEV", "")
+    if not dev or dev not in rxe.rdma_devices():
+        pytest.skip(f"no rxe device (USDP_RXE_DEV={dev!r}); run through scripts/test")
+    assert rxe.port_state(dev).endswith("ACTIVE"), rxe.port_state(dev)
+    return dev
+
+
+@pytest.fixture(scope="session")
+def host_a(rxe_dev: str) -> str:
+    """This host's address on the rxe link (client and server share it on one host)."""
+    return os.environ.get("USDP_HOST_A", rxe.HOST_A_ADDR)
+
+
+@pytest.fixture
+def port() -> int:
+    """A port for one test's listener (random, so reruns do not collide)."""
+    return random.randrange(20000, 60000)
+
+
+class HostB:
+    """Host B of a two-host bed, reached through its agent: processes and faults there."""
+
+    def __init__(self) -> None:
+        from usdp.testbed.agent import AgentClient
+
+        self.addr = os.environ["USDP_HOST_B"]
+        self.agent = AgentClient(self.addr)
+        self.agent.call(op="ping")
+
+    def spawn(self, argv: list[str], env: dict[str, str] | None = None) -> int:
+        return self.agent.spawn(argv, env)
+
+    def wait(self, pid: int, timeout: float) -> dict[str, Any]:
+        return self.agent.wait(pid, timeout)
+
+    def kill(self, pid: int) -> None:
+        self.agent.kill(pid)
+
+    def netem(self, spec: dict[str, Any] | None) -> None:
+        self.agent.netem(spec)
+
+
+@pytest.fixture(scope="session")
+def host_b(rxe_dev: str) -> Iterator[HostB]:
+    """Host B (two-host bed only)."""
+    if os.environ.get("USDP_HOSTS") != "2":
+        pytest.skip("needs the two-host bed (scripts/rxe-vm --hosts 2)")
+    b = HostB()
+    yield b
+    b.agent.close()
+
+
+@pytest.fixture
+def netem(host_b: HostB) -> Iterator[Any]:
+    """``netem(spec)`` puts the same netem qdisc on both ends of the link; removed after."""
+
+    def apply(spec: dict[str, Any] | None) -> None:
+        rxe.netem("eth0", spec)
+        host_b.netem(spec)
+
+    yield apply
+    apply(None)

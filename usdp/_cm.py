@@ -1,0 +1,193 @@
+"""RDMA connection manager: resolve, connect, listen, accept, with the GIL free.
+
+pyverbs 44's CM calls block with the GIL held and ``CMEvent`` hides which id an event is
+for, its status, and the ids' addresses. So:
+
+* every wait is a ``select`` on the event channel's fd (found by ``_fdfind``), after which
+  ``CMEvent(channel)`` returns at once;
+* an accepted id is moved onto its own event channel with librdmacm's
+  ``rdma_migrate_id`` (not wrapped by pyverbs): otherwise its DISCONNECTED event would
+  arrive on the listener's channel with no way to tell whose it is;
+* the event's ``status`` and the ids' addresses are read from the C structs with ctypes
+  (layouts of rdma-core 44 on x86_64, guarded by a size check on pyverbs' objects).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import select
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import pyverbs.cm_enums as ce
+from pyverbs.cmid import CMID, AddrInfo, CMEvent, CMEventChannel, ConnParam
+from pyverbs.pyverbs_error import PyverbsError
+
+from usdp._errors import Timeout, error_from_errno
+from usdp._fdfind import CM_CHANNEL, create_with_fd
+
+EV = ce  # event type constants: EV.RDMA_CM_EVENT_*
+
+_librdmacm = ctypes.CDLL("librdmacm.so.1", use_errno=True)
+_librdmacm.rdma_migrate_id.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+# pyverbs objects with a vtable keep their C pointer right after it (see docs/design.md).
+_CPTR_OFFSET = 40
+if CMID.__basicsize__ != 80 or CMEvent.__basicsize__ != 48:  # pragma: no cover
+    raise ImportError("unexpected pyverbs object layout: usdp supports rdma-core 44's pyverbs")
+
+
+def _cptr(obj: Any) -> int:
+    value = ctypes.c_void_p.from_address(id(obj) + _CPTR_OFFSET).value
+    if not value:
+        raise OSError(errno.EBADF, f"{type(obj).__name__} has no C object")
+    return value
+
+
+class _EventC(ctypes.Structure):
+    _fields_ = [("id", ctypes.c_void_p), ("listen_id", ctypes.c_void_p),
+                ("event", ctypes.c_int), ("status", ctypes.c_int)]
+
+
+def _sockaddr(p: int) -> tuple[str, int]:
+    fam = ctypes.c_uint16.from_address(p).value
+    port = socket.ntohs(ctypes.c_uint16.from_address(p + 2).value)
+    if fam == socket.AF_INET:
+        return socket.inet_ntop(fam, ctypes.string_at(p + 4, 4)), port
+    if fam == socket.AF_INET6:
+        return socket.inet_ntop(fam, ctypes.string_at(p + 8, 16)), port
+    return "", port
+
+
+def local_addr(cmid: CMID) -> tuple[str, int]:
+    """The id's bound address (rdma_cm_id.route.addr.src_addr)."""
+    return _sockaddr(_cptr(cmid) + 32)
+
+
+def peer_addr(cmid: CMID) -> tuple[str, int]:
+    """The id's peer address (rdma_cm_id.route.addr.dst_addr)."""
+    return _sockaddr(_cptr(cmid) + 160)
+
+
+@dataclass(frozen=True)
+class Event:
+    """A CM event, copied out and acknowledged (except CONNECT_REQUEST's raw event)."""
+
+    type: int
+    status: int
+    private_data: bytes
+    raw: Any = None  # the un-acked CMEvent, for CONNECT_REQUEST only
+
+    @property
+    def name(self) -> str:
+        for k in dir(ce):
+            if k.startswith("RDMA_CM_EVENT_") and getattr(ce, k) == self.type:
+                return k.removeprefix("RDMA_CM_EVENT_")
+        return str(self.type)
+
+
+class Channel:
+    """A CM event channel whose fd we can wait on."""
+
+    def __init__(self) -> None:
+        try:
+            self.ch, self.fd = create_with_fd(CMEventChannel, CM_CHANNEL)
+        except PyverbsError as exc:
+            code = getattr(exc, "error_code", errno.ENODEV)
+            raise error_from_errno(code if code > 0 else errno.ENODEV,
+                                   f"no RDMA connection manager: {exc}") from exc
+
+    def readable(self, timeout: float | None) -> bool:
+        r, _, _ = select.select([self.fd], [], [], timeout)
+        return bool(r)
+
+    def get(self, timeout: float | None) -> Event:
+        """The next event; ``Timeout`` if none within ``timeout`` seconds."""
+        if not self.readable(timeout):
+            raise Timeout(errno.ETIMEDOUT, "timed out waiting for the connection manager")
+        ev = CMEvent(self.ch)
+        c = _EventC.from_address(_cptr(ev))
+        out = Event(ev.event_type, c.status, bytes(ev.private_data or b""),
+                    ev if ev.event_type == ce.RDMA_CM_EVENT_CONNECT_REQUEST else None)
+        if out.raw is None:
+            ev.ack_cm_event()
+        return out
+
+    def close(self) -> None:
+        ch, self.ch = self.ch, None
+        if ch is not None:
+            ch.close()
+
+
+def new_id(channel: Channel) -> CMID:
+    return CMID(creator=channel.ch, port_space=ce.RDMA_PS_TCP)
+
+
+def migrate(cmid: CMID, channel: Channel) -> None:
+    """Move ``cmid``'s future events onto ``channel`` (rdma_migrate_id)."""
+    if _librdmacm.rdma_migrate_id(_cptr(cmid), _cptr(channel.ch)) != 0:
+        err = ctypes.get_errno()
+        raise error_from_errno(err, f"rdma_migrate_id: {errno.errorcode.get(err, err)}")
+
+
+def conn_param(qp_num: int, private_data: bytes, *, accept: bool) -> ConnParam:
+    # Responder resources / initiator depth 1: room for one outstanding RDMA read each way
+    # (zero-copy will use it); retry counts bounded for the reasons in _verbs.
+    p = ConnParam(resources=1, depth=1, retry=6, rnr_retry=6, qp_num=qp_num,
+                  data_len=196 if accept else 56)
+    p.set_private_data(private_data)
+    return p
+
+
+def _cm_call(what: str, fn: Any, *args: Any) -> Any:
+    try:
+        return fn(*args)
+    except PyverbsError as exc:
+        code = getattr(exc, "error_code", -1)
+        raise error_from_errno(code if isinstance(code, int) and code > 0 else errno.EIO,
+                               f"{what}: {exc}") from exc
+
+
+def resolve(cmid: CMID, channel: Channel, dst: tuple[str, int], src: str | None,
+            deadline: float | None) -> None:
+    """Resolve address and route for an active id (ADDR_RESOLVED, ROUTE_RESOLVED)."""
+    ai = _cm_call("rdma_getaddrinfo", AddrInfo, src, dst[0], None, str(dst[1]), ce.RDMA_PS_TCP)
+    ms = 2000 if deadline is None else max(1, int(min(2.0, deadline - time.monotonic()) * 1000))
+    _cm_call("rdma_resolve_addr", cmid.resolve_addr, ai, ms)
+    expect(channel, ce.RDMA_CM_EVENT_ADDR_RESOLVED, deadline, f"resolving {dst[0]}")
+    _cm_call("rdma_resolve_route", cmid.resolve_route, ms)
+    expect(channel, ce.RDMA_CM_EVENT_ROUTE_RESOLVED, deadline, f"route to {dst[0]}")
+
+
+_EVENT_ERRNO = {
+    ce.RDMA_CM_EVENT_ADDR_ERROR: errno.EHOSTUNREACH,
+    ce.RDMA_CM_EVENT_ROUTE_ERROR: errno.ENETUNREACH,
+    ce.RDMA_CM_EVENT_UNREACHABLE: errno.EHOSTUNREACH,
+    ce.RDMA_CM_EVENT_CONNECT_ERROR: errno.ECONNREFUSED,
+    ce.RDMA_CM_EVENT_REJECTED: errno.ECONNREFUSED,
+    ce.RDMA_CM_EVENT_DEVICE_REMOVAL: errno.ENODEV,
+}
+
+
+def expect(channel: Channel, want: int, deadline: float | None, what: str) -> Event:
+    remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+    ev = channel.get(remaining)
+    if ev.type != want:
+        err = _EVENT_ERRNO.get(ev.type, errno.EPROTO)
+        raise error_from_errno(err, f"{what}: {ev.name} (status {ev.status})")
+    return ev
+
+
+def bind_listen(cmid: CMID, addr: tuple[str, int], backlog: int) -> None:
+    host = addr[0]
+    if host in ("", "0.0.0.0", "::"):
+        # pyverbs 44 dereferences a NULL device for a wildcard bind (segfault): refuse.
+        raise error_from_errno(errno.EADDRNOTAVAIL,
+                               "usdp listeners need a concrete local address (RDMA CM binds "
+                               "to a device); got a wildcard")
+    ai = _cm_call("rdma_getaddrinfo", AddrInfo, host, None, str(addr[1]), None,
+                  ce.RDMA_PS_TCP, ce.RAI_PASSIVE)
+    _cm_call(f"rdma_bind_addr {host}:{addr[1]}", cmid.bind_addr, ai)
+    _cm_call("rdma_listen", cmid.listen, backlog)

@@ -1,0 +1,52 @@
+"""Per-socket tunables, with the reason for each default."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+
+
+def _env_bool(name: str, default: bool) -> bool:
+    v = os.environ.get(name)
+    return default if v is None else v.strip().lower() not in ("0", "no", "false", "off", "")
+
+
+@dataclass(frozen=True)
+class Options:
+    """Tunables of one socket; ``SO_RCVBUF``/``SO_SNDBUF`` map onto the rings.
+
+    Attributes:
+        recv_bufs: receive slots posted = credits granted to the peer. 32 (SDP used 64 of
+            4 KiB; rsockets a 384-deep queue): with 32 KiB slots that is a 1 MiB window,
+            enough to keep rxe busy while bounding memory per connection (measure:
+            scripts/bench sweeps it).
+        recv_buf_size: bytes per receive slot, header included. 32 KiB (later SDP's
+            default): big enough that per-message Python overhead is amortised, small
+            enough that a 1-byte send does not pin much.
+        send_bufs: registered send slots; a send is copied into one and posted.
+        defer: the seed's deferral: a CQ event that arrives while a user call owns the
+            connection only sets a pending flag (``USDP_DEFER=0`` turns it off, to measure).
+        signal_every: request a send completion every N sends (pyverbs polls cost per
+            completion, so fewer completions is cheaper); always when the pool runs dry.
+        linger: seconds ``close`` waits for queued data to reach the peer.
+        handshake_timeout: bound on each step of connection setup when no socket timeout
+            is set.
+    """
+
+    recv_bufs: int = 32
+    recv_buf_size: int = 32 * 1024
+    send_bufs: int = 16
+    defer: bool = True
+    signal_every: int = 8
+    linger: float = 10.0
+    handshake_timeout: float = 30.0
+
+    @classmethod
+    def from_env(cls) -> Options:
+        return cls(defer=_env_bool("USDP_DEFER", True))
+
+    def with_rcvbuf(self, nbytes: int) -> Options:
+        return replace(self, recv_bufs=max(4, min(4096, nbytes // self.recv_buf_size)))
+
+    def with_sndbuf(self, nbytes: int) -> Options:
+        return replace(self, send_bufs=max(2, min(4096, nbytes // self.recv_buf_size)))

@@ -1,0 +1,597 @@
+"""Sans-I/O usdp connection: credits, sequence numbers, the receive queue and the stream state.
+
+Theory of operation
+===================
+
+Like h11's ``Connection``, this class contains no networking code at all. It never touches
+verbs, threads or locks. The I/O layer (which owns the QP, the registered receive ring and
+the send buffers, and serialises every call into this object) feeds it receive completions
+and asks it for headers to send. In return it gets events and byte ranges to copy. This is
+what makes the hard part, flow control, testable with two objects and a deque.
+
+Receive ring and credits
+------------------------
+Each side owns a ring of ``local_recv_bufs`` receive buffers ("slots"), all posted before the
+handshake, so each side starts with ``peer_recv_bufs`` send credits: one credit is one
+buffer the peer is known to have posted. Every frame spends one credit. A credit comes back
+only when the receiver has *re-posted* the buffer the frame landed in, and then only as
+``bufs`` in the next header it sends. ``bufs`` is incremental: buffers re-posted since the
+previous header. A slot that holds DATA stays out of the ring until the application has read
+all of it, so a slow reader is what makes the sender stall. The slots of all other frames
+are free at once.
+
+The life of a slot on the receiving side::
+
+    posted --on_frame--> held (DATA) --consume--> free --take_free_slots--> reposting
+       ^                  (other frames go straight to free)                    |
+       +------------------------------- recv_reposted --------------------------+
+                                        (now owed to the peer: rx_owed)
+
+We also track ``peer_credits``, our view of the peer's credits: buffers we advertised
+(initial ``local_recv_bufs`` plus every ``bufs`` we sent) minus frames received. It never
+underestimates the peer's real count, and is exact when nothing is in flight.
+
+Deadlock and ping-pong
+----------------------
+Credit updates cost credits too, which creates two dangers. **Deadlock**: both sides at zero
+credits, each owing the other buffers it cannot return. **Ping-pong**: each side keeps
+returning the buffer that the other's last credit update consumed, forever. The rules:
+
+1. DATA, DISCONN and KEEPALIVE need at least two credits. The last credit is reserved for a
+   payload-free message that returns credits (SDP rule CA4-82).
+2. A credit update is sent when ``rx_owed >= max(1, local_recv_bufs // 2)`` (batching, like
+   rsockets' half-ring), or when the peer is at zero credits and we owe it anything.
+3. The last credit is never spent to return a single buffer. A side that goes to zero has
+   therefore just handed the other at least two, and that side can answer without going to
+   zero itself. This is what ends ping-pong. Returning one buffer with the last credit would
+   just move helplessness back and forth.
+4. While the peer is at zero and we owe it nothing yet (its rescue-me buffer is still being
+   re-posted), DATA/DISCONN/KEEPALIVE need a third credit. We must keep the two that
+   rule 3 needs to rescue it.
+
+Together: a side reaches zero credits only by giving the other at least two, and that side
+then keeps enough to give one back as soon as the buffer is re-posted. So the two sides are
+never both stuck. When a reader has drained its ring, everything not advertised is owed
+(``rx_owed >= local_recv_bufs - 1``), so rule 2 fires for any writer waiting on credits.
+Each credit update leaves its receiver owing one more buffer. That can trigger at most one
+answer (rule 3), so chains of updates stop after a few messages.
+
+Incoming frames are held to the same rules where they are provable: a frame needs a credit
+we advertised; DATA/DISCONN/KEEPALIVE must leave the sender one (our ``peer_credits``
+overestimates the sender's view, so this has no false positives); ``bufs`` may not return
+more buffers than the peer has received from us (by its ``mseq_ack``), nor push our credits
+above ``peer_recv_bufs``.
+
+Errors
+------
+Any violation raises :class:`ProtocolError` and latches the connection in ERROR. A peer's
+ABORT latches :class:`ConnectionReset`, and :meth:`Connection.abort_header` latches
+:class:`ConnectionAborted` unless an error came first. After that, every state-changing
+call raises the latched exception (h11's ERROR state). The I/O layer reports its own fatal
+errors (failed completions, an unexpected CM DISCONNECTED) through
+:meth:`Connection.fail`, so they latch the same way.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections import deque
+from dataclasses import dataclass
+from enum import Enum
+from typing import Final
+
+from usdp._errors import (
+    BrokenPipe,
+    ConnectionAborted,
+    ConnectionReset,
+    ProtocolError,
+    UsdpError,
+    WouldBlock,
+)
+from usdp._wire import HEADER_SIZE, NO_SEQ, Buffer, Flags, Header, Mid, Params, decode_header
+
+__all__ = [
+    "Chunk",
+    "Connection",
+    "CreditsReturned",
+    "DataReceived",
+    "Event",
+    "PeerAborted",
+    "PeerClosed",
+    "State",
+    "Stats",
+]
+
+_U32: Final = 0xFFFF_FFFF
+_NO_FLAGS: Final = Flags(0)
+
+# Zero-copy messages: the codec exists, but nothing negotiates zero-copy yet.
+_ZCOPY: Final = frozenset(
+    {
+        Mid.SRC_AVAIL,
+        Mid.SINK_AVAIL,
+        Mid.RDMA_RD_COMPL,
+        Mid.RDMA_WR_COMPL,
+        Mid.MODE_CHANGE,
+        Mid.SEND_SM,
+        Mid.SRC_AVAIL_CANCEL,
+        Mid.SINK_AVAIL_CANCEL,
+        Mid.SINK_CANCEL_ACK,
+    }
+)
+# What a peer may still send after its DISCONN: it keeps reading, so it returns credits.
+_AFTER_DISCONN: Final = frozenset({Mid.CREDIT_UPDATE, Mid.KEEPALIVE, Mid.ABORT})
+# Frames allowed to spend the sender's last credit (rule 1; ABORT is best effort).
+_LAST_CREDIT_OK: Final = frozenset({Mid.CREDIT_UPDATE, Mid.ABORT})
+
+# Slot states in Connection._slots.
+_POSTED: Final = 0  # posted to the QP, or handed out by take_free_slots for re-posting
+_HELD: Final = 1  # holds unread DATA
+_FREE: Final = 2  # done with, waiting in take_free_slots()
+
+
+class State(Enum):
+    """Stream state, as the application sees it."""
+
+    OPEN = "open"
+    WR_CLOSED = "wr_closed"  # shutdown_write() called: we write no more
+    RD_CLOSED = "rd_closed"  # the peer's DISCONN arrived: EOF once the queue is read
+    CLOSED = "closed"  # both
+    ABORTED = "aborted"  # ABORT sent or received
+    ERROR = "error"  # protocol violation, or a fatal I/O error reported via fail()
+
+
+@dataclass(frozen=True, slots=True)
+class DataReceived:
+    """``nbytes`` more bytes are readable."""
+
+    nbytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class PeerClosed:
+    """The peer sent DISCONN: once the queued data is read, reads return EOF."""
+
+
+@dataclass(frozen=True, slots=True)
+class PeerAborted:
+    """The peer sent ABORT: the connection is reset and queued data is dropped."""
+
+
+@dataclass(frozen=True, slots=True)
+class CreditsReturned:
+    """The peer re-posted ``n`` buffers: blocked writers may proceed."""
+
+    n: int
+
+
+Event = DataReceived | PeerClosed | PeerAborted | CreditsReturned
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """Bytes ``[offset, offset + length)`` of receive slot ``slot``, to copy to the reader.
+
+    ``frees_slot`` says this chunk finishes the slot (it will come out of
+    :meth:`Connection.take_free_slots`); it is informational.
+    """
+
+    slot: int
+    offset: int
+    length: int
+    frees_slot: bool
+
+
+@dataclass(slots=True)
+class Stats:
+    """Counters for diagnostics; they never influence the protocol."""
+
+    frames_in: int = 0
+    frames_out: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    credit_updates_sent: int = 0
+    #: can_send_data() calls that said no for lack of credits.
+    credit_stalls: int = 0
+
+
+class _Segment:
+    """Unread DATA payload in one slot; offset/length advance on partial reads."""
+
+    __slots__ = ("length", "offset", "slot")
+
+    def __init__(self, slot: int, offset: int, length: int) -> None:
+        self.slot = slot
+        self.offset = offset
+        self.length = length
+
+
+def _proto(msg: str) -> ProtocolError:
+    return ProtocolError(errno.EPROTO, msg)
+
+
+class Connection:
+    """The protocol state of one established usdp connection.
+
+    Receive path, per completion: :meth:`on_frame`. Per read: :meth:`consume`, copy the
+    chunks out, then re-post :meth:`take_free_slots` and report them with
+    :meth:`recv_reposted`. Send path: :meth:`can_send_data` / :meth:`data_header` for data,
+    then drain :meth:`next_control` for credit updates and DISCONN. The caller serialises
+    all calls.
+    """
+
+    def __init__(self, params: Params) -> None:
+        self.params: Final = params
+        self.stats: Final = Stats()
+        # Send side.
+        self._tx_credits = params.peer_recv_bufs  # the peer pre-posted its whole ring
+        self._tx_seq = 0  # mseq of our next frame
+        self._peer_acked = NO_SEQ  # last mseq_ack received
+        self._acked_total = 0  # our frames the peer says it has received
+        self._returned_total = 0  # sum of bufs received
+        # Receive side.
+        self._rx_seq = 0  # mseq expected next
+        self._rx_owed = 0  # re-posted buffers not yet advertised
+        self._peer_credits = params.local_recv_bufs  # our view of the peer's credits
+        self._threshold = max(1, params.local_recv_bufs // 2)
+        self._slots = bytearray(params.local_recv_bufs)  # _POSTED/_HELD/_FREE per slot
+        self._segments: deque[_Segment] = deque()
+        self._readable = 0
+        self._free: list[int] = []
+        self._reposting = 0  # slots handed out by take_free_slots, not yet recv_reposted
+        # Stream state.
+        self._rd_closed = False
+        self._wr_shut = False
+        self._disconn_pending = False
+        self._disconn_sent = False
+        self._abort_sent = False
+        self._error: UsdpError | None = None
+        self._terminal: State | None = None
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def state(self) -> State:
+        if self._terminal is not None:
+            return self._terminal
+        if self._rd_closed and self._wr_shut:
+            return State.CLOSED
+        if self._wr_shut:
+            return State.WR_CLOSED
+        if self._rd_closed:
+            return State.RD_CLOSED
+        return State.OPEN
+
+    @property
+    def error(self) -> UsdpError | None:
+        """The latched exception, or None while the connection is healthy."""
+        return self._error
+
+    @property
+    def readable(self) -> int:
+        """Bytes queued for the application."""
+        return self._readable
+
+    @property
+    def eof(self) -> bool:
+        """The peer closed its write side and every byte before that was read."""
+        return self._rd_closed and self._readable == 0 and self._error is None
+
+    @property
+    def max_payload(self) -> int:
+        """Largest payload :meth:`data_header` accepts."""
+        return self.params.max_payload
+
+    @property
+    def tx_credits(self) -> int:
+        """Frames we may still send: peer buffers known to be posted."""
+        return self._tx_credits
+
+    @property
+    def rx_owed(self) -> int:
+        """Buffers re-posted but not yet advertised to the peer."""
+        return self._rx_owed
+
+    @property
+    def peer_credits(self) -> int:
+        """Our upper bound on the peer's credits (exact when nothing is in flight)."""
+        return self._peer_credits
+
+    @property
+    def disconn_pending(self) -> bool:
+        """shutdown_write() was called but DISCONN has not gone out (waiting for credits)."""
+        return self._disconn_pending
+
+    def fail(self, exc: UsdpError) -> None:
+        """Latch a fatal error found by the I/O layer; later calls raise ``exc``.
+
+        For failed work completions, an RDMA CM DISCONNECTED without a prior DISCONN
+        (:class:`ConnectionReset`), and the like. The first latched error wins.
+        """
+        if self._error is None:
+            self._error = exc
+            self._terminal = State.ERROR
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    # ---------------------------------------------------------------- receive
+
+    def on_frame(self, slot: int, frame: Buffer) -> list[Event]:
+        """Process one receive completion: ``frame`` is exactly the bytes received in ``slot``.
+
+        The connection keeps only ``(slot, offset, length)``, never ``frame`` itself. DATA
+        keeps the slot until it is consumed; any other frame frees it at once (see
+        :meth:`take_free_slots`).
+
+        Raises:
+            ProtocolError: the frame is malformed or illegal here; the error is latched.
+            UsdpError: an error latched earlier.
+            ValueError: ``slot`` is not a posted slot (an I/O-layer bug; not latched).
+        """
+        self._raise_if_failed()
+        if not 0 <= slot < len(self._slots) or self._slots[slot] != _POSTED:
+            raise ValueError(f"completion for slot {slot}, which is not posted")
+        try:
+            return self._on_frame(slot, frame)
+        except ProtocolError as exc:
+            self.fail(exc)
+            raise
+
+    def _on_frame(self, slot: int, frame: Buffer) -> list[Event]:
+        h = decode_header(frame, max_frame=self.params.max_recv_frame)
+        mid = h.mid
+        if h.mseq != self._rx_seq:
+            raise _proto(f"{mid.name} has mseq {h.mseq}, expected {self._rx_seq}")
+        if mid in _ZCOPY:
+            raise _proto(f"{mid.name} but zero-copy was not negotiated")
+        # Credits the peer spent on this frame.
+        if self._peer_credits < 1:
+            raise _proto(f"{mid.name} sent without a credit")
+        if self._peer_credits < 2 and mid not in _LAST_CREDIT_OK:
+            raise _proto(f"{mid.name} spent the sender's last credit (reserved, CA4-82)")
+        if mid is Mid.CREDIT_UPDATE and h.bufs == 0:
+            raise _proto("CREDIT_UPDATE returning no credits")
+        # Acknowledgement: monotonic, and never beyond what we sent.
+        advance = (h.mseq_ack - self._peer_acked) & _U32
+        unacked = (self._tx_seq - 1 - self._peer_acked) & _U32
+        if advance > unacked:
+            raise _proto(
+                f"{mid.name} acks mseq {h.mseq_ack}; last acked {self._peer_acked}, "
+                f"last sent {(self._tx_seq - 1) & _U32}"
+            )
+        acked_total = self._acked_total + advance
+        # Credits the peer returns.
+        if h.bufs:
+            if self._tx_credits + h.bufs > self.params.peer_recv_bufs:
+                raise _proto(
+                    f"credit overflow: {self._tx_credits} + {h.bufs} returned > "
+                    f"{self.params.peer_recv_bufs} peer buffers"
+                )
+            if self._returned_total + h.bufs > acked_total:
+                raise _proto(
+                    f"{h.bufs} buffers returned, but only {acked_total - self._returned_total}"
+                    " of our frames were received and not yet returned"
+                )
+        if self._rd_closed and mid not in _AFTER_DISCONN:
+            raise _proto(f"{mid.name} after DISCONN")
+
+        # Valid: commit.
+        self._rx_seq = (self._rx_seq + 1) & _U32
+        self._peer_credits -= 1
+        self._peer_acked = h.mseq_ack
+        self._acked_total = acked_total
+        self._returned_total += h.bufs
+        self._tx_credits += h.bufs
+        self.stats.frames_in += 1
+        events: list[Event] = []
+        if h.bufs:
+            events.append(CreditsReturned(h.bufs))
+        if mid is Mid.DATA:
+            n = h.length - HEADER_SIZE
+            self._slots[slot] = _HELD
+            self._segments.append(_Segment(slot, HEADER_SIZE, n))
+            self._readable += n
+            self.stats.bytes_in += n
+            events.append(DataReceived(n))
+            return events
+        self._release(slot)
+        if mid is Mid.DISCONN:
+            self._rd_closed = True
+            events.append(PeerClosed())
+        elif mid is Mid.ABORT:
+            self._error = ConnectionReset(errno.ECONNRESET, "connection reset by peer (ABORT)")
+            self._terminal = State.ABORTED
+            self._drop_queue()
+            events.append(PeerAborted())
+        return events
+
+    def _release(self, slot: int) -> None:
+        self._slots[slot] = _FREE
+        self._free.append(slot)
+
+    def _drop_queue(self) -> None:
+        while self._segments:
+            self._release(self._segments.popleft().slot)
+        self._readable = 0
+
+    def consume(self, n: int) -> list[Chunk]:
+        """Take up to ``n`` queued bytes, in order, as byte ranges of receive slots.
+
+        Copy every chunk out before re-posting what :meth:`take_free_slots` returns. A
+        partial read leaves the rest of a segment queued. Returns [] when nothing is queued
+        (then :attr:`eof` tells EOF from "would block").
+
+        Raises:
+            UsdpError: the latched error (after an abort, queued data is gone).
+            ValueError: ``n`` is negative.
+        """
+        self._raise_if_failed()
+        if n < 0:
+            raise ValueError(f"consume({n})")
+        chunks: list[Chunk] = []
+        segments = self._segments
+        while n > 0 and segments:
+            seg = segments[0]
+            if n >= seg.length:
+                segments.popleft()
+                chunks.append(Chunk(seg.slot, seg.offset, seg.length, True))
+                self._release(seg.slot)
+                n -= seg.length
+                self._readable -= seg.length
+            else:
+                chunks.append(Chunk(seg.slot, seg.offset, n, False))
+                seg.offset += n
+                seg.length -= n
+                self._readable -= n
+                n = 0
+        return chunks
+
+    def take_free_slots(self) -> list[int]:
+        """Slots to re-post now: consumed DATA slots and slots of all other frames.
+
+        The one place the I/O layer learns what to re-post. Re-post them, then call
+        :meth:`recv_reposted`. Works in any state.
+        """
+        free, self._free = self._free, []
+        for slot in free:
+            self._slots[slot] = _POSTED
+        self._reposting += len(free)
+        return free
+
+    def recv_reposted(self, count: int) -> None:
+        """``count`` slots from :meth:`take_free_slots` are posted again.
+
+        Only now are they owed to the peer: a buffer advertised before it is posted could
+        draw an RNR NAK.
+
+        Raises:
+            ValueError: more slots than were handed out.
+        """
+        if not 0 <= count <= self._reposting:
+            raise ValueError(f"recv_reposted({count}) with {self._reposting} slots handed out")
+        self._reposting -= count
+        self._rx_owed += count
+
+    # ------------------------------------------------------------------- send
+
+    def _nonupdate_ok(self) -> bool:
+        """Rules 1 and 4: may we spend a credit on something that is not a credit update?"""
+        need = 3 if self._peer_credits == 0 and self._rx_owed == 0 else 2
+        return self._tx_credits >= need
+
+    def can_send_data(self) -> bool:
+        """True if :meth:`data_header` would succeed now (counts a stall when credits lack)."""
+        if self._error is not None or self._wr_shut:
+            return False
+        if self._nonupdate_ok():
+            return True
+        self.stats.credit_stalls += 1
+        return False
+
+    def data_header(self, payload_len: int) -> Header:
+        """Spend a credit on a DATA frame of ``payload_len`` bytes; return its header.
+
+        The header also returns ``rx_owed`` credits and acks the last frame received. The
+        I/O layer must post the frame (header + payload) before any later header it gets
+        from this object, because sequence numbers are assigned here.
+
+        Raises:
+            UsdpError: the latched error.
+            BrokenPipe: after :meth:`shutdown_write`.
+            WouldBlock: not enough credits (check :meth:`can_send_data` first).
+            ValueError: ``payload_len`` not in ``1..max_payload``.
+        """
+        self._raise_if_failed()
+        if self._wr_shut:
+            raise BrokenPipe(errno.EPIPE, "write side already shut down")
+        if not 1 <= payload_len <= self.params.max_payload:
+            raise ValueError(f"payload of {payload_len} bytes, allowed 1..{self.max_payload}")
+        if not self._nonupdate_ok():
+            raise WouldBlock(errno.EAGAIN, "no send credits")
+        self.stats.bytes_out += payload_len
+        return self._issue(Mid.DATA, payload_len)
+
+    def shutdown_write(self) -> None:
+        """Close our write side: later data raises BrokenPipe, and DISCONN is queued.
+
+        Call it only once the I/O layer has no data of its own left to send: the DISCONN
+        may come out of the next :meth:`next_control` call. Idempotent.
+
+        Raises:
+            UsdpError: the latched error.
+        """
+        self._raise_if_failed()
+        if not self._wr_shut:
+            self._wr_shut = True
+            self._disconn_pending = True
+
+    def credit_update_due(self) -> bool:
+        """Rules 2 and 3: should a credit-only update go out now?"""
+        if self._error is not None or (self._rd_closed and self._disconn_sent):
+            return False  # both directions done: nobody needs credits any more
+        owed, credits = self._rx_owed, self._tx_credits
+        if owed == 0 or credits == 0:
+            return False
+        if owed < self._threshold and self._peer_credits != 0:
+            return False
+        return credits >= 2 or owed >= 2
+
+    def next_control(self) -> Header | None:
+        """The next payload-free frame to send now (a queued DISCONN, else a credit update).
+
+        Call it after every event that can change credits: after :meth:`on_frame`,
+        :meth:`recv_reposted` and sending data. Keep calling until it returns None.
+        Returns None once an error is latched.
+        """
+        if self._error is not None:
+            return None
+        if self._disconn_pending and self._nonupdate_ok():
+            self._disconn_pending = False
+            self._disconn_sent = True
+            return self._issue(Mid.DISCONN, 0)
+        if self.credit_update_due():
+            self.stats.credit_updates_sent += 1
+            return self._issue(Mid.CREDIT_UPDATE, 0)
+        return None
+
+    def keepalive_header(self) -> Header | None:
+        """A KEEPALIVE to probe an idle peer, or None if credits do not allow one now."""
+        if self._error is not None or not self._nonupdate_ok():
+            return None
+        return self._issue(Mid.KEEPALIVE, 0)
+
+    def abort_header(self) -> Header | None:
+        """Abort the connection; return an ABORT to send, best effort.
+
+        Latches :class:`ConnectionAborted` unless an error is already latched (e.g. the
+        ProtocolError that made us abort). Returns None if an ABORT was already issued or
+        there is no credit; then tear down the CM connection, which the peer also sees as
+        a reset.
+        """
+        if self._error is None:
+            self._error = ConnectionAborted(errno.ECONNABORTED, "connection aborted")
+            self._terminal = State.ABORTED
+        self._disconn_pending = False
+        if self._abort_sent or self._tx_credits < 1:
+            self._abort_sent = True
+            return None
+        self._abort_sent = True
+        return self._issue(Mid.ABORT, 0)
+
+    def _issue(self, mid: Mid, payload_len: int) -> Header:
+        bufs, self._rx_owed = self._rx_owed, 0
+        self._peer_credits += bufs
+        h = Header(
+            mid,
+            _NO_FLAGS,
+            bufs,
+            HEADER_SIZE + payload_len,
+            self._tx_seq,
+            (self._rx_seq - 1) & _U32,
+        )
+        self._tx_seq = (self._tx_seq + 1) & _U32
+        self._tx_credits -= 1
+        self.stats.frames_out += 1
+        return h

@@ -1,0 +1,433 @@
+"""One established usdp connection: verbs resources + sans-I/O ``Connection`` + ``ConnLock``.
+
+This is where the pieces meet. Every access to the ``Connection`` and to the rings happens
+while owning the connection's ``ConnLock``: user calls take it in process context, the
+completion thread (``_progress``) takes it through the BH path, or only marks a CQ pending
+when a user call owns it, in which case the user's unlock drains.
+
+``drain`` is the one routine that empties a CQ. For each flagged CQ it polls until empty,
+re-arms (``req_notify``), and polls once more: a completion that slipped in between the
+last poll and the arm would otherwise wait for an event that will never come. Only the
+owner of the lock drains, so a completion is never processed twice; a deferred event's
+flag is consumed exactly once under the lock's mutex, and the CQ stays un-armed until that
+drain, so none is lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import socket
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from usdp import _cm
+from usdp._connection import Connection
+from usdp._errors import (
+    BrokenPipe,
+    ConnectionReset,
+    ProtocolError,
+    Timeout,
+    UsdpError,
+    WouldBlock,
+)
+from usdp._lock import ConnLock, CqPend
+from usdp._progress import progress
+from usdp._verbs import WC_FLUSH, WC_SUCCESS, QPResources
+from usdp._wire import HEADER_SIZE, Header, Params, pack_header_into
+
+log = logging.getLogger("usdp")
+
+POLL_BUDGET = 16  # completions per poll call (the kernel's own CQ poller uses 16)
+SEND = CqPend.SEND_CQ_PEND
+RECV = CqPend.RECV_CQ_PEND
+
+
+@dataclass
+class EndpointStats:
+    """Progress-engine counters (see ``SdpSocket.stats``)."""
+
+    cq_polls: int = 0
+    completions: int = 0
+    recv_completions: int = 0
+    send_completions: int = 0
+    cm_events: int = 0
+
+
+class Readiness:
+    """A real fd whose poll state follows the socket, for select/selectors/asyncio.
+
+    One end of a Unix socketpair. *Readable* is made by writing a byte from the other end
+    and cleared by reading it back. *Writable* is cleared by filling our send buffer (a
+    stream socketpair stops being writable when the peer's queue holds our sndbuf's worth)
+    and restored by draining the other end. Only state changes cost system calls.
+    """
+
+    def __init__(self) -> None:
+        self.ours, self.other = socket.socketpair()
+        for s in (self.ours, self.other):
+            s.setblocking(False)
+        self.ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)  # kernel minimum
+        self.readable = False
+        self.writable = True
+
+    def fileno(self) -> int:
+        return self.ours.fileno()
+
+    def set(self, readable: bool, writable: bool) -> None:
+        if readable != self.readable:
+            if readable:
+                self.other.send(b"r")
+            else:
+                _drain_socket(self.ours)
+            self.readable = readable
+        if writable != self.writable:
+            if writable:
+                _drain_socket(self.other)
+            else:
+                try:
+                    while True:
+                        self.ours.send(b"\0" * 4096)
+                except BlockingIOError:
+                    pass
+            self.writable = writable
+
+    def close(self) -> None:
+        self.ours.close()
+        self.other.close()
+
+
+def _drain_socket(s: socket.socket) -> None:
+    try:
+        while s.recv(65536):
+            pass
+    except BlockingIOError:
+        pass
+
+
+class Endpoint:
+    """An established connection's data path."""
+
+    def __init__(self, cmid: Any, channel: _cm.Channel, res: QPResources, params: Params,
+                 *, defer: bool = True, signal_every: int = 8) -> None:
+        self.cmid, self.channel, self.res = cmid, channel, res
+        self.conn = Connection(params)
+        self.lock = ConnLock(self._drain, defer=defer, name=f"qp{res.qp_num}")
+        self.stats = EndpointStats()
+        self.free_send: deque[int] = deque(range(res.send_ring.count))
+        self.inflight: deque[int] = deque()
+        self.signal_every = max(1, min(signal_every, res.send_ring.count))
+        self._unsignaled = 0
+        self.peer_gone = False  # CM DISCONNECTED seen
+        self.closing = False
+        self.closed = False
+        self.readiness: Readiness | None = None
+        self._rsize = res.recv_ring.size
+        self._ssize = res.send_ring.size
+        self._rview = res.recv_ring.view
+        self._sview = res.send_ring.view
+
+    # ------------------------------------------------------------------ start / stop
+
+    def start(self) -> None:
+        """Arm both CQs, drain whatever already arrived, and hand the fds to the BH."""
+        p = progress()
+        with self.lock:
+            self.res.send_cq.req_notify()
+            self.res.recv_cq.req_notify()
+            self._drain(SEND | RECV)
+        p.register(self.res.send_fd, lambda: self._on_comp_event(SEND))
+        p.register(self.res.recv_fd, lambda: self._on_comp_event(RECV))
+        p.register(self.channel.fd, self._on_cm_event)
+
+    def _on_comp_event(self, flag: CqPend) -> None:
+        """BH: a completion channel fired (runs on the completion thread)."""
+        if self.closed:
+            return
+        self.res.take_event(send=flag is SEND)
+        if self.lock.bh_event(flag, timeout=5.0):
+            try:
+                self._drain(flag)
+            finally:
+                self.lock.bh_unlock()
+
+    def _on_cm_event(self) -> None:
+        """BH: the connection's own CM channel fired (DISCONNECTED, mostly)."""
+        if self.closed:
+            return
+        ev = self.channel.get(0)
+        self.stats.cm_events += 1
+        if ev.type in (_cm.EV.RDMA_CM_EVENT_DISCONNECTED, _cm.EV.RDMA_CM_EVENT_DEVICE_REMOVAL):
+            with self.lock:
+                # Completions may still sit in the CQs: take them before judging.
+                self._drain(SEND | RECV)
+                self.peer_gone = True
+                if not self.closing and not self.conn.eof and self.conn.error is None \
+                        and not self._peer_closed():
+                    self.conn.fail(ConnectionReset(errno.ECONNRESET,
+                                                   "connection reset: peer disconnected"))
+                self.res.to_error()
+                self._update_readiness()
+        else:
+            log.debug("qp%d: CM event %s ignored", self.res.qp_num, ev.name)
+
+    def _peer_closed(self) -> bool:
+        from usdp._connection import State
+
+        return self.conn.state in (State.RD_CLOSED, State.CLOSED)
+
+    # ------------------------------------------------------------------ draining
+
+    def _drain(self, flags: CqPend) -> None:
+        """Poll, re-arm, poll again (called only by the lock's owner)."""
+        if self.closed:
+            return
+        if flags & RECV:
+            self._drain_cq(self.res.recv_cq, self._on_recv_wc)
+        if flags & SEND:
+            self._drain_cq(self.res.send_cq, self._on_send_wc)
+        self._send_control()
+        self._update_readiness()
+
+    def _drain_cq(self, cq: Any, handle: Any) -> None:
+        poll = self.res.poll
+        st = self.stats
+        while True:
+            wcs = poll(cq, POLL_BUDGET)
+            st.cq_polls += 1
+            if len(wcs) < POLL_BUDGET:
+                cq.req_notify()
+                more = poll(cq, POLL_BUDGET)  # close the poll/arm race
+                st.cq_polls += 1
+                wcs.extend(more)
+                if not more:
+                    for wc in wcs:
+                        handle(wc)
+                    st.completions += len(wcs)
+                    return
+            for wc in wcs:
+                handle(wc)
+            st.completions += len(wcs)
+
+    def _on_recv_wc(self, wc: Any) -> None:
+        self.stats.recv_completions += 1
+        if wc.status != WC_SUCCESS:
+            if wc.status != WC_FLUSH or not (self.closing or self.peer_gone):
+                self._fail(ConnectionReset(errno.ECONNRESET,
+                                           f"receive failed (wc status {wc.status})"))
+            return
+        if self.conn.error is not None:
+            return
+        slot = wc.wr_id
+        base = slot * self._rsize
+        try:
+            self.conn.on_frame(slot, self._rview[base : base + wc.byte_len])
+        except ProtocolError as exc:
+            log.error("qp%d: protocol error from peer, aborting the connection: %s",
+                      self.res.qp_num, exc)
+            self.abort()
+            return
+        self._repost()
+
+    def _repost(self) -> None:
+        free = self.conn.take_free_slots()
+        if not free:
+            return
+        posted = 0
+        try:
+            for slot in free:
+                self.res.post_recv(slot)
+                posted += 1
+        finally:
+            self.conn.recv_reposted(posted)
+
+    def _on_send_wc(self, wc: Any) -> None:
+        self.stats.send_completions += 1
+        if wc.status != WC_SUCCESS and (
+            wc.status != WC_FLUSH or not (self.closing or self.peer_gone)
+        ):
+            self._fail(ConnectionReset(errno.ECONNRESET,
+                                       f"send failed (wc status {wc.status}): peer gone?"))
+        # Sends complete in order: this one frees every unsignaled slot before it too.
+        slot = wc.wr_id
+        inflight = self.inflight
+        while inflight:
+            s = inflight.popleft()
+            self.free_send.append(s)
+            if s == slot:
+                break
+
+    def _fail(self, exc: UsdpError) -> None:
+        log.debug("qp%d: %s", self.res.qp_num, exc)
+        self.conn.fail(exc)
+        self.res.to_error()
+
+    # ------------------------------------------------------------------ sending
+
+    def _post_frame(self, h: Header, payload: memoryview | None, *, signal: bool = False) -> None:
+        slot = self.free_send.popleft()
+        base = slot * self._ssize
+        sview = self._sview
+        pack_header_into(sview, base, h)
+        n = HEADER_SIZE
+        if payload is not None:
+            n += len(payload)
+            sview[base + HEADER_SIZE : base + n] = payload
+        self._unsignaled += 1
+        signaled = signal or self._unsignaled >= self.signal_every or not self.free_send
+        if signaled:
+            self._unsignaled = 0
+        self.inflight.append(slot)
+        try:
+            self.res.post_send(slot, n, signaled)
+        except UsdpError as exc:
+            self.inflight.pop()
+            self.free_send.appendleft(slot)
+            self._fail(exc)
+            raise
+
+    def _send_control(self) -> None:
+        """Send queued DISCONN / credit updates while a send slot is free."""
+        while self.free_send and self.conn.error is None:
+            h = self.conn.next_control()
+            if h is None:
+                return
+            self._post_frame(h, None, signal=True)
+
+    def writable(self) -> bool:
+        return bool(self.free_send) and self.conn.can_send_data()
+
+    def send_some(self, data: memoryview) -> int:
+        """Post as much of ``data`` as credits and buffers allow now (owner only)."""
+        sent = 0
+        maxp = self.conn.max_payload
+        while sent < len(data) and self.free_send and self.conn.can_send_data():
+            n = min(maxp, len(data) - sent)
+            self._post_frame(self.conn.data_header(n), data[sent : sent + n])
+            sent += n
+        if sent:
+            self._send_control()
+            self._update_readiness()
+        return sent
+
+    def check_send(self) -> None:
+        err = self.conn.error
+        if err is not None:
+            raise err
+        if self.closing:
+            raise BrokenPipe(errno.EPIPE, "socket is closing")
+
+    # ------------------------------------------------------------------ receiving
+
+    def recv_into(self, out: memoryview) -> int:
+        """Copy queued bytes into ``out`` (owner only); 0 means EOF if ``conn.eof``."""
+        chunks = self.conn.consume(len(out))
+        pos = 0
+        rview, rsize = self._rview, self._rsize
+        for c in chunks:
+            src = c.slot * rsize + c.offset
+            out[pos : pos + c.length] = rview[src : src + c.length]
+            pos += c.length
+        if chunks:
+            self._repost()
+            self._send_control()
+            self._update_readiness()
+        return pos
+
+    def recv_ready(self) -> bool:
+        return self.conn.readable > 0 or self.conn.eof or self.conn.error is not None \
+            or self.peer_gone
+
+    # ------------------------------------------------------------------ waiting
+
+    def wait(self, predicate: Any, timeout: float | None, what: str) -> None:
+        """Owner waits (lock released meanwhile) until predicate; errors per socket rules."""
+        if timeout == 0.0:
+            if not predicate():
+                raise WouldBlock(errno.EAGAIN, f"{what} would block")
+            return
+        if not self.lock.wait(predicate, timeout):
+            raise Timeout(errno.ETIMEDOUT, f"timed out: {what}")
+
+    # ------------------------------------------------------------------ readiness
+
+    def readiness_fd(self) -> int:
+        if self.readiness is None:
+            with self.lock:
+                self.readiness = Readiness()
+                self._update_readiness()
+        return self.readiness.fileno()
+
+    def _update_readiness(self) -> None:
+        r = self.readiness
+        if r is None:
+            return
+        broken = self.conn.error is not None or self.peer_gone
+        r.set(self.recv_ready() or broken, broken or self.writable())
+
+    # ------------------------------------------------------------------ closing
+
+    def shutdown_write(self, timeout: float | None) -> None:
+        """Queue DISCONN (our EOF to the peer) and wait until it is posted."""
+        if self.conn.error is not None or self.peer_gone:
+            return
+        try:
+            self.conn.shutdown_write()
+        except UsdpError:
+            return
+        self._send_control()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self.lock.wait(lambda: not self.conn.disconn_pending or self.conn.error is not None
+                       or self.peer_gone, None if deadline is None
+                       else max(0.0, deadline - time.monotonic()))
+
+    def abort(self) -> None:
+        """Send ABORT (best effort) and latch the error (owner only)."""
+        h = self.conn.abort_header()
+        if h is not None and self.free_send:
+            with contextlib.suppress(UsdpError):
+                self._post_frame(h, None, signal=True)
+        self._update_readiness()
+
+    def close(self, linger: float) -> None:
+        """Orderly close: DISCONN, wait for our sends to complete (bounded), tear down."""
+        with self.lock:
+            if self.closed:
+                return
+            if self.conn.error is None and not self.peer_gone:
+                self.shutdown_write(linger)
+                # Every posted send must complete before the QP goes, or queued bytes die
+                # (the last frame, DISCONN, is always signaled, so inflight empties).
+                self.lock.wait(lambda: not self.inflight or self.conn.error is not None
+                               or self.peer_gone, linger)
+            self.closing = True
+        progress().call(self._destroy)
+
+    def _destroy(self) -> None:
+        """On the completion thread: unregister, disconnect, free everything."""
+        if self.closed:
+            return
+        p = progress()
+        for fd in (self.res.send_fd, self.res.recv_fd, self.channel.fd):
+            p.unregister(fd)
+        with self.lock:
+            self.closed = True
+            try:
+                self.cmid.disconnect()
+            except Exception:
+                pass  # already disconnected by the peer
+            self.res.to_error()
+            if self.readiness is not None:
+                self.readiness.set(True, True)
+        self._rview = self._sview = memoryview(b"")
+        self.res.close()
+        try:
+            self.cmid.close()
+        except Exception as exc:
+            log.debug("closing the CM id: %s", exc)
+        self.channel.close()
+        if self.readiness is not None:
+            self.readiness.close()

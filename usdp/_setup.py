@@ -1,0 +1,195 @@
+"""Connection setup: the Hello/HelloAck handshake over RDMA CM, with the verbs resources.
+
+Active side: resolve address and route, create the QP, post every receive, connect with a
+Hello in the private data, and on CONNECT_RESPONSE (HelloAck) move the QP to RTS and send
+the RTU (``establish``). Passive side: on CONNECT_REQUEST validate the Hello, move the id to
+its own event channel, create the QP, post every receive, go to RTS and accept with a
+HelloAck; a bad Hello is rejected with a reason the active side turns into an error.
+Receives are posted before our Hello/HelloAck leaves, because the buffers it advertises are
+the peer's first credits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import time
+from typing import Any
+
+import pyverbs.enums as e
+
+from usdp import _cm
+from usdp._config import Options
+from usdp._endpoint import Endpoint
+from usdp._errors import HandshakeError, UsdpError, error_from_errno
+from usdp._verbs import Device, QPResources
+from usdp._wire import (
+    HandshakeKind,
+    Hello,
+    Reject,
+    RejectReason,
+    decode_hello,
+    error_from_reject,
+    negotiate,
+)
+
+log = logging.getLogger("usdp")
+
+
+def _hello(opts: Options, kind: HandshakeKind) -> Hello:
+    return Hello(kind, opts.recv_bufs, opts.recv_buf_size, opts.recv_buf_size)
+
+
+def _dev_name(cmid: Any) -> str:
+    name = cmid.dev_name
+    return name.decode() if isinstance(name, bytes) else str(name)
+
+
+def _resources(cmid: Any, opts: Options, peer_buf_size: int) -> QPResources:
+    return QPResources(Device.get(_dev_name(cmid)), recv_count=opts.recv_bufs,
+                       recv_size=opts.recv_buf_size, send_count=opts.send_bufs,
+                       send_size=peer_buf_size)
+
+
+def _post_all(res: QPResources) -> None:
+    for slot in range(res.recv_ring.count):
+        res.post_recv(slot)
+
+
+def connect(dst: tuple[str, int], src: str | None, opts: Options,
+            timeout: float | None) -> Endpoint:
+    """Open a connection to a usdp listener at ``dst``."""
+    step = opts.handshake_timeout if timeout is None else timeout
+    deadline = time.monotonic() + step
+    chan = _cm.Channel()
+    cmid = None
+    res = None
+    try:
+        cmid = _cm.new_id(chan)
+        _cm.resolve(cmid, chan, dst, src, deadline)
+        # The send ring must hold the peer's frames; we learn its size only from the
+        # HelloAck, so size it for the largest frame we could ever be allowed.
+        res = _resources(cmid, opts, opts.recv_buf_size)
+        res.modify(cmid, e.IBV_QPS_INIT)
+        _post_all(res)
+        hello = _hello(opts, HandshakeKind.HELLO)
+        param = _cm.conn_param(res.qp_num, hello.encode(), accept=False)
+        try:
+            cmid.connect(param)
+        except Exception as exc:
+            raise error_from_errno(getattr(exc, "error_code", errno.EIO) or errno.EIO,
+                                   f"rdma_connect: {exc}") from exc
+        ev = chan.get(max(0.0, deadline - time.monotonic()))
+        if ev.type == _cm.EV.RDMA_CM_EVENT_REJECTED:
+            raise error_from_reject(ev.private_data)
+        if ev.type != _cm.EV.RDMA_CM_EVENT_CONNECT_RESPONSE:
+            raise error_from_errno(_cm._EVENT_ERRNO.get(ev.type, errno.EPROTO),
+                                   f"connecting to {dst[0]}:{dst[1]}: {ev.name} "
+                                   f"(status {ev.status})")
+        peer = decode_hello(ev.private_data, expect_kind=HandshakeKind.HELLO_ACK)
+        params = negotiate(hello, peer)
+        if peer.recv_buf_size > opts.recv_buf_size:
+            pass  # frames are capped by negotiate() at min(peer slot, our max_msg)
+        res.modify(cmid, e.IBV_QPS_RTR)
+        res.modify(cmid, e.IBV_QPS_RTS)
+        cmid.establish()
+        ep = Endpoint(cmid, chan, res, params, defer=opts.defer, signal_every=opts.signal_every)
+        ep.start()
+        return ep
+    except BaseException:
+        if res is not None:
+            res.close()
+        if cmid is not None:
+            with contextlib.suppress(Exception):
+                cmid.close()
+        chan.close()
+        raise
+
+
+class Listener:
+    """A bound, listening CM id; ``accept`` completes one handshake at a time."""
+
+    def __init__(self, addr: tuple[str, int], backlog: int, opts: Options) -> None:
+        self.opts = opts
+        self.chan = _cm.Channel()
+        try:
+            self.cmid = _cm.new_id(self.chan)
+            _cm.bind_listen(self.cmid, addr, backlog)
+        except BaseException:
+            self.chan.close()
+            raise
+        self.addr = _cm.local_addr(self.cmid)
+
+    def fileno(self) -> int:
+        return self.chan.fd
+
+    def accept(self, timeout: float | None) -> tuple[Endpoint, tuple[str, int]]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ev = self.chan.get(remaining)
+            if ev.type != _cm.EV.RDMA_CM_EVENT_CONNECT_REQUEST:
+                log.debug("listener: CM event %s ignored", ev.name)
+                continue
+            try:
+                return self._handshake(ev)
+            except UsdpError as exc:
+                log.warning("listener %s:%d: connection attempt failed: %s",
+                            self.addr[0], self.addr[1], exc)
+                if timeout == 0.0:
+                    raise
+
+    def _handshake(self, ev: _cm.Event) -> tuple[Endpoint, tuple[str, int]]:
+        from pyverbs.cmid import CMID
+
+        child = CMID(creator=ev.raw, listen_id=self.cmid)
+        ev.raw.ack_cm_event()
+        peer_addr = _cm.peer_addr(child)
+        try:
+            peer = decode_hello(ev.private_data, expect_kind=HandshakeKind.HELLO)
+        except HandshakeError as exc:
+            reason = exc.reason or RejectReason.BAD_PARAMS
+            log.warning("rejecting %s:%d: %s", peer_addr[0], peer_addr[1], exc)
+            try:
+                child.reject(Reject(reason, str(exc)[:40]).encode())
+            finally:
+                _close_quietly(child)
+            raise
+        chan = _cm.Channel()
+        res = None
+        try:
+            _cm.migrate(child, chan)
+            res = _resources(child, self.opts, peer.recv_buf_size)
+            res.modify(child, e.IBV_QPS_INIT)
+            _post_all(res)
+            ack = _hello(self.opts, HandshakeKind.HELLO_ACK)
+            params = negotiate(ack, peer)
+            res.modify(child, e.IBV_QPS_RTR)
+            res.modify(child, e.IBV_QPS_RTS)
+            param = _cm.conn_param(res.qp_num, ack.encode(), accept=True)
+            child.accept(param)
+            _cm.expect(chan, _cm.EV.RDMA_CM_EVENT_ESTABLISHED,
+                       time.monotonic() + self.opts.handshake_timeout,
+                       f"handshake with {peer_addr[0]}:{peer_addr[1]}")
+            ep = Endpoint(child, chan, res, params, defer=self.opts.defer,
+                          signal_every=self.opts.signal_every)
+            ep.start()
+            return ep, peer_addr
+        except BaseException:
+            if res is not None:
+                res.close()
+            _close_quietly(child)
+            chan.close()
+            raise
+
+    def close(self) -> None:
+        _close_quietly(self.cmid)
+        self.chan.close()
+
+
+def _close_quietly(cmid: Any) -> None:
+    try:
+        cmid.close()
+    except Exception as exc:
+        log.debug("closing a CM id: %s", exc)

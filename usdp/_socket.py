@@ -1,0 +1,424 @@
+"""``SdpSocket``: a ``socket.socket`` look-alike over RDMA, thin on top of ``_setup`` and
+``_endpoint``.
+
+Blocking rules follow ``socket.socket``: the default timeout (``socket.getdefaulttimeout``)
+applies; a timeout of 0 is non-blocking (``BlockingIOError``, errno EAGAIN); a positive one
+raises ``TimeoutError`` (errno ETIMEDOUT). Every error is an ``OSError`` with a real errno
+(see ``usdp._errors``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import io
+import socket as _stdsocket
+import threading
+from typing import Any
+
+from usdp import _setup
+from usdp._config import Options
+from usdp._endpoint import Endpoint
+from usdp._errors import (
+    AlreadyConnected,
+    BrokenPipe,
+    InvalidArgument,
+    NotConnected,
+    UsdpError,
+    error_from_errno,
+)
+
+SHUT_RD, SHUT_WR, SHUT_RDWR = _stdsocket.SHUT_RD, _stdsocket.SHUT_WR, _stdsocket.SHUT_RDWR
+_Address = tuple[str, int]
+
+
+class SdpSocket:
+    """A SOCK_STREAM socket whose bytes travel over an RDMA RC queue pair."""
+
+    def __init__(self, family: int = _stdsocket.AF_INET, type: int = _stdsocket.SOCK_STREAM,
+                 proto: int = 0, *, options: Options | None = None) -> None:
+        if family not in (_stdsocket.AF_INET, _stdsocket.AF_INET6):
+            raise InvalidArgument(errno.EAFNOSUPPORT, "usdp supports AF_INET and AF_INET6")
+        if type & ~(_stdsocket.SOCK_NONBLOCK | _stdsocket.SOCK_CLOEXEC) \
+                != _stdsocket.SOCK_STREAM:
+            raise InvalidArgument(errno.EPROTOTYPE, "usdp sockets are SOCK_STREAM only")
+        self.family, self.type, self.proto = family, _stdsocket.SOCK_STREAM, proto
+        self._opts = options or Options.from_env()
+        self._timeout: float | None = _stdsocket.getdefaulttimeout()
+        if type & _stdsocket.SOCK_NONBLOCK:
+            self._timeout = 0.0
+        self._bound: _Address | None = None
+        self._listener: _setup.Listener | None = None
+        self._ep: Endpoint | None = None
+        self._peer: _Address | None = None
+        self._rd_shut = False
+        self._wr_shut = False
+        self._closed = False
+        self._io_refs = 0
+        self._sockopts: dict[tuple[int, int], int] = {}
+        self._close_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ misc
+
+    def __repr__(self) -> str:
+        if self._closed:
+            return "<usdp.SdpSocket [closed]>"
+        parts = [f"fd={self._fileno_or_neg()}"]
+        with contextlib.suppress(OSError):
+            parts.append(f"laddr={self.getsockname()}")
+        if self._peer:
+            parts.append(f"raddr={self._peer}")
+        return f"<usdp.SdpSocket {' '.join(parts)}>"
+
+    def _fileno_or_neg(self) -> int:
+        try:
+            return self.fileno()
+        except OSError:
+            return -1
+
+    def __enter__(self) -> SdpSocket:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise error_from_errno(errno.EBADF, "Bad file descriptor (socket is closed)")
+
+    def _connected(self) -> Endpoint:
+        self._check_open()
+        if self._ep is None:
+            raise NotConnected(errno.ENOTCONN, "Transport endpoint is not connected")
+        return self._ep
+
+    # ------------------------------------------------------------------ timeouts
+
+    def settimeout(self, value: float | None) -> None:
+        if value is not None:
+            value = float(value)
+            if value < 0:
+                raise ValueError("Timeout value out of range")
+        self._timeout = value
+
+    def gettimeout(self) -> float | None:
+        return self._timeout
+
+    def setblocking(self, flag: bool) -> None:
+        self._timeout = None if flag else 0.0
+
+    def getblocking(self) -> bool:
+        return self._timeout != 0.0
+
+    # ------------------------------------------------------------------ addresses
+
+    def bind(self, address: _Address) -> None:
+        self._check_open()
+        if self._bound is not None:
+            raise InvalidArgument(errno.EINVAL, "socket is already bound")
+        self._bound = (address[0], int(address[1]))
+
+    def getsockname(self) -> _Address:
+        self._check_open()
+        if self._listener is not None:
+            return self._listener.addr
+        if self._ep is not None:
+            from usdp._cm import local_addr
+
+            return local_addr(self._ep.cmid)
+        if self._bound is not None:
+            return self._bound
+        return ("0.0.0.0", 0)
+
+    def getpeername(self) -> _Address:
+        self._connected()
+        assert self._peer is not None
+        return self._peer
+
+    # ------------------------------------------------------------------ server side
+
+    def listen(self, backlog: int = 128) -> None:
+        self._check_open()
+        if self._ep is not None:
+            raise AlreadyConnected(errno.EISCONN, "socket is connected")
+        if self._listener is not None:
+            return
+        if self._bound is None:
+            raise InvalidArgument(errno.EINVAL, "bind() a concrete address before listen()")
+        self._listener = _setup.Listener(self._bound, backlog, self._opts)
+
+    def accept(self) -> tuple[SdpSocket, _Address]:
+        """Wait for a connection; returns ``(SdpSocket, (host, port))``."""
+        self._check_open()
+        if self._listener is None:
+            raise InvalidArgument(errno.EINVAL, "accept() on a socket that is not listening")
+        ep, addr = self._listener.accept(self._timeout)
+        s = SdpSocket(self.family, options=self._opts)
+        s._ep, s._peer = ep, addr
+        s._timeout = self._timeout if self._timeout != 0.0 else None
+        return s, addr
+
+    # ------------------------------------------------------------------ client side
+
+    def connect(self, address: _Address) -> None:
+        self._check_open()
+        if self._ep is not None:
+            raise AlreadyConnected(errno.EISCONN, "socket is already connected")
+        if self._listener is not None:
+            raise InvalidArgument(errno.EINVAL, "socket is listening")
+        host, port = address[0], int(address[1])
+        src = self._bound[0] if self._bound else None
+        self._ep = _setup.connect((host, port), src, self._opts,
+                                  self._timeout if self._timeout else None)
+        self._peer = (host, port)
+
+    def connect_ex(self, address: _Address) -> int:
+        try:
+            self.connect(address)
+        except OSError as exc:
+            return exc.errno or errno.EIO
+        return 0
+
+    # ------------------------------------------------------------------ data
+
+    def send(self, data: Any, flags: int = 0) -> int:
+        """Send some of ``data``; returns how many bytes were taken (at least 1)."""
+        ep = self._connected()
+        if self._wr_shut:
+            raise BrokenPipe(errno.EPIPE, "Broken pipe (write side shut down)")
+        mv = memoryview(data).cast("B")
+        if not mv:
+            return 0
+        with ep.lock:
+            ep.check_send()
+            ep.wait(lambda: ep.writable() or ep.conn.error is not None or ep.peer_gone,
+                    self._timeout, "send")
+            ep.check_send()
+            if ep.peer_gone:
+                raise BrokenPipe(errno.EPIPE, "Broken pipe (peer disconnected)")
+            return ep.send_some(mv)
+
+    def sendall(self, data: Any, flags: int = 0) -> None:
+        """Send all of ``data``; relocks between batches so completions get drained."""
+        ep = self._connected()
+        if self._wr_shut:
+            raise BrokenPipe(errno.EPIPE, "Broken pipe (write side shut down)")
+        mv = memoryview(data).cast("B")
+        sent = 0
+        with ep.lock:
+            while sent < len(mv):
+                ep.check_send()
+                ep.wait(lambda: ep.writable() or ep.conn.error is not None or ep.peer_gone,
+                        self._timeout, "sendall")
+                ep.check_send()
+                if ep.peer_gone:
+                    raise BrokenPipe(errno.EPIPE, "Broken pipe (peer disconnected)")
+                sent += ep.send_some(mv[sent:])
+                if sent < len(mv):
+                    ep.lock.relock()  # SDP_CONN_RELOCK: drain deferred completions
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        if bufsize < 0:
+            raise ValueError("negative buffersize in recv")
+        buf = bytearray(bufsize)
+        n = self.recv_into(buf, bufsize, flags)
+        del buf[n:]
+        return bytes(buf)
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        ep = self._connected()
+        mv = memoryview(buffer).cast("B")
+        if nbytes:
+            mv = mv[:nbytes]
+        if not mv or self._rd_shut:
+            return 0
+        with ep.lock:
+            ep.wait(ep.recv_ready, self._timeout, "recv")
+            if ep.conn.readable:
+                return ep.recv_into(mv)
+            err = ep.conn.error
+            if err is not None and not ep.conn.eof:
+                raise err
+            return 0  # EOF (or peer gone after an orderly close)
+
+    def makefile(self, mode: str = "r", buffering: int | None = None, *,
+                 encoding: str | None = None, errors: str | None = None,
+                 newline: str | None = None) -> Any:
+        """A file object on the socket, as ``socket.socket.makefile`` gives."""
+        if not set(mode) <= {"r", "w", "b"}:
+            raise ValueError(f"invalid mode {mode!r} (only r, w, b allowed)")
+        writing, reading = "w" in mode, "r" in mode or "w" not in mode
+        rawmode = ("r" if reading else "") + ("w" if writing else "")
+        raw = _SocketIO(self, rawmode)
+        self._io_refs += 1
+        if buffering is None:
+            buffering = -1
+        if buffering < 0:
+            buffering = io.DEFAULT_BUFFER_SIZE
+        if buffering == 0:
+            if "b" not in mode:
+                raise ValueError("unbuffered streams must be binary")
+            return raw
+        buf: io.BufferedIOBase
+        if reading and writing:
+            buf = io.BufferedRWPair(raw, raw, buffering)
+        elif reading:
+            buf = io.BufferedReader(raw, buffering)
+        else:
+            buf = io.BufferedWriter(raw, buffering)
+        if "b" in mode:
+            return buf
+        text = io.TextIOWrapper(buf, encoding, errors, newline)  # type: ignore[type-var]
+        text.mode = mode  # type: ignore[misc]
+        return text
+
+    def _decref_socketios(self) -> None:
+        if self._io_refs > 0:
+            self._io_refs -= 1
+        if self._closed:
+            self.close()
+
+    # ------------------------------------------------------------------ shutdown/close
+
+    def shutdown(self, how: int) -> None:
+        ep = self._connected()
+        if how not in (SHUT_RD, SHUT_WR, SHUT_RDWR):
+            raise InvalidArgument(errno.EINVAL, "Invalid argument")
+        if how in (SHUT_RD, SHUT_RDWR):
+            self._rd_shut = True
+        if how in (SHUT_WR, SHUT_RDWR) and not self._wr_shut:
+            self._wr_shut = True
+            with ep.lock:
+                ep.shutdown_write(self._opts.linger)
+
+    def close(self) -> None:
+        with self._close_lock:
+            if self._closed and self._ep is None and self._listener is None:
+                return
+            self._closed = True
+            if self._io_refs > 0:
+                return  # makefile() objects still open: close when the last goes
+            ep, self._ep = self._ep, None
+            lst, self._listener = self._listener, None
+        if ep is not None:
+            ep.close(self._opts.linger)
+        if lst is not None:
+            lst.close()
+
+    def detach(self) -> int:
+        raise UsdpError(errno.EOPNOTSUPP, "an RDMA socket has no kernel fd to detach")
+
+    # ------------------------------------------------------------------ readiness & options
+
+    def fileno(self) -> int:
+        """A real fd: readable when data/EOF/error is pending (or, listening, a connection
+        request); writable when a credit and a send buffer are free."""
+        self._check_open()
+        if self._listener is not None:
+            return self._listener.fileno()
+        if self._ep is not None:
+            return self._ep.readiness_fd()
+        return -1
+
+    def setsockopt(self, level: int, optname: int, value: Any, optlen: int | None = None) -> None:
+        self._check_open()
+        if level == _stdsocket.SOL_SOCKET and optname == _stdsocket.SO_RCVBUF:
+            if self._ep is None:
+                self._opts = self._opts.with_rcvbuf(int(value))
+            return
+        if level == _stdsocket.SOL_SOCKET and optname == _stdsocket.SO_SNDBUF:
+            if self._ep is None:
+                self._opts = self._opts.with_sndbuf(int(value))
+            return
+        # Accepted for compatibility; RDMA has no Nagle, and reuse is the CM's business.
+        self._sockopts[(level, optname)] = int(value) if not isinstance(value, bytes) else 0
+
+    def getsockopt(self, level: int, optname: int, buflen: int | None = None) -> int:
+        self._check_open()
+        if level == _stdsocket.SOL_SOCKET:
+            if optname == _stdsocket.SO_RCVBUF:
+                return self._opts.recv_bufs * self._opts.recv_buf_size
+            if optname == _stdsocket.SO_SNDBUF:
+                return self._opts.send_bufs * self._opts.recv_buf_size
+            if optname == _stdsocket.SO_TYPE:
+                return _stdsocket.SOCK_STREAM
+            if optname == _stdsocket.SO_ERROR:
+                err = self._ep.conn.error if self._ep is not None else None
+                return (err.errno or 0) if err is not None else 0
+        return self._sockopts.get((level, optname), 0)
+
+    def stats(self) -> dict[str, int]:
+        """Counters of the progress engine, the lock and the protocol."""
+        ep = self._connected()
+        ls = ep.lock.stats()
+        cs = ep.conn.stats
+        return {
+            "channel_events": ls.events,
+            "drains_deferred": ls.deferred,
+            "drains_bh": ls.bh_drains,
+            "drains_unlock": ls.unlock_drains,
+            "cq_polls": ep.stats.cq_polls,
+            "completions": ep.stats.completions,
+            "recv_completions": ep.stats.recv_completions,
+            "send_completions": ep.stats.send_completions,
+            "credit_stalls": cs.credit_stalls,
+            "credit_updates_sent": cs.credit_updates_sent,
+            "frames_in": cs.frames_in,
+            "frames_out": cs.frames_out,
+            "bytes_in": cs.bytes_in,
+            "bytes_out": cs.bytes_out,
+        }
+
+
+class _SocketIO(io.RawIOBase):
+    """Raw I/O on an SdpSocket (what ``socket.SocketIO`` is for ``socket.socket``)."""
+
+    def __init__(self, sock: SdpSocket, mode: str) -> None:
+        super().__init__()
+        self._sock = sock
+        self._mode = mode
+        self._reading = "r" in mode
+        self._writing = "w" in mode
+
+    def readinto(self, b: Any) -> int:
+        return self._sock.recv_into(b)
+
+    def write(self, b: Any) -> int:
+        return self._sock.send(b)
+
+    def readable(self) -> bool:
+        return self._reading
+
+    def writable(self) -> bool:
+        return self._writing
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        super().close()
+        self._sock._decref_socketios()
+
+
+def socket(family: int = _stdsocket.AF_INET, type: int = _stdsocket.SOCK_STREAM,
+           proto: int = 0) -> SdpSocket:
+    """Like ``socket.socket``, for SOCK_STREAM over RDMA."""
+    return SdpSocket(family, type, proto)
+
+
+def create_connection(address: _Address, timeout: float | None = None,
+                      source_address: _Address | None = None) -> SdpSocket:
+    """Like ``socket.create_connection``."""
+    s = SdpSocket()
+    try:
+        if timeout is not None:
+            s.settimeout(timeout)
+        if source_address:
+            s.bind(source_address)
+        s.connect(address)
+    except BaseException:
+        s.close()
+        raise
+    return s

@@ -1,0 +1,227 @@
+"""Verbs resources: device context, PD, CQs with completion channels, the RC QP, and the
+registered rings of send and receive buffers. The only module (with ``_cm``) that touches
+pyverbs.
+
+Why each choice (see docs/design.md for the whole picture):
+
+* One ``Device`` (context + PD) per RDMA device per process, opened by name, never the
+  wrappers pyverbs hangs on a CMID: closing an accepted CMID nulls its listener's
+  context/PD wrappers in pyverbs 44, which would break every sibling connection.
+* Two CQs per connection (send, receive), each with its own completion channel: pyverbs'
+  ``get_cq_event`` raises if a channel reports another CQ, and the 2005 SDP lock keeps one
+  pending flag per CQ.
+* Ring memory is an anonymous ``mmap`` registered with ``MR(address=...)``: Python gets a
+  writable ``memoryview`` on the very bytes the HCA reads and writes, so payloads are
+  copied once each way (user buffer <-> ring), never through ``MR.read``'s temporary
+  ``bytes``.
+* Work requests are built once per slot and re-posted as they are: pyverbs 44's
+  ``SendWR``/``RecvWR``/``SGE`` leak their C memory when garbage-collected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import mmap
+import threading
+from typing import Any, ClassVar
+
+import pyverbs.enums as e
+from pyverbs.cq import CQ, CompChannel
+from pyverbs.device import Context
+from pyverbs.mr import MR
+from pyverbs.pd import PD
+from pyverbs.pyverbs_error import PyverbsError, PyverbsRDMAError
+from pyverbs.qp import QP, QPAttr, QPCap, QPInitAttr
+from pyverbs.wr import SGE, RecvWR, SendWR
+
+from usdp._errors import DeviceError, UsdpError, error_from_errno
+from usdp._fdfind import COMP_CHANNEL, create_with_fd
+
+#: RC transport timers. ``retry_cnt`` 7 would mean "retry forever" on rxe, so a dead
+#: peer would never be noticed; 6 retries of 4.096 us * 2**14 (~67 ms) fail in ~0.5 s.
+ACK_TIMEOUT = 14
+RETRY_CNT = 6
+#: Credits make RNR impossible by construction; a bounded RNR retry turns a protocol bug
+#: into a visible error instead of a silent stall. 12 = 0.64 ms between RNR retries.
+RNR_RETRY = 6
+MIN_RNR_TIMER = 12
+
+WC_SUCCESS = e.IBV_WC_SUCCESS
+WC_FLUSH = e.IBV_WC_WR_FLUSH_ERR
+
+
+def verbs_error(exc: PyverbsError, what: str) -> UsdpError:
+    """Translate a pyverbs exception into our OSError tree, keeping its errno."""
+    code = getattr(exc, "error_code", -1)
+    if not isinstance(code, int) or code <= 0:
+        code = errno.EIO
+    return error_from_errno(code, f"{what}: {exc}")
+
+
+class Device:
+    """One opened RDMA device (context + PD), shared by every connection on it."""
+
+    _registry: ClassVar[dict[str, Device]] = {}
+    _registry_lock = threading.Lock()
+
+    def __init__(self, name: str) -> None:
+        try:
+            self.ctx = Context(name=name)
+            self.pd = PD(self.ctx)
+        except PyverbsError as exc:
+            raise DeviceError(errno.ENODEV, f"cannot open RDMA device {name!r}: {exc}") from exc
+        self.name = name
+
+    @classmethod
+    def get(cls, name: str) -> Device:
+        with cls._registry_lock:
+            dev = cls._registry.get(name)
+            if dev is None:
+                dev = cls._registry[name] = Device(name)
+            return dev
+
+
+class Ring:
+    """``count`` slots of ``size`` bytes in one registered, page-aligned mapping."""
+
+    def __init__(self, dev: Device, count: int, size: int, access: int) -> None:
+        self.count, self.size = count, size
+        self._mm = mmap.mmap(-1, count * size)
+        self._anchor = ctypes.c_char.from_buffer(self._mm)  # pins the mapping while registered
+        self.addr = ctypes.addressof(self._anchor)
+        self.view = memoryview(self._mm)
+        try:
+            self.mr = MR(dev.pd, count * size, access, address=self.addr)
+        except PyverbsError as exc:
+            self.close()
+            raise verbs_error(exc, "registering a buffer ring") from exc
+        self.lkey = self.mr.lkey
+
+    def slot(self, i: int) -> memoryview:
+        return self.view[i * self.size : (i + 1) * self.size]
+
+    def close(self) -> None:
+        mr = getattr(self, "mr", None)
+        if mr is not None:
+            mr.close()
+            self.mr = None
+        self.view.release()
+        del self._anchor
+        self._mm.close()
+
+
+class QPResources:
+    """The verbs objects of one connection."""
+
+    def __init__(self, dev: Device, *, recv_count: int, recv_size: int, send_count: int,
+                 send_size: int) -> None:
+        self.dev = dev
+        self._closed = False
+        ctx = dev.ctx
+        try:
+            self.send_comp, self.send_fd = create_with_fd(lambda: CompChannel(ctx), COMP_CHANNEL)
+            self.recv_comp, self.recv_fd = create_with_fd(lambda: CompChannel(ctx), COMP_CHANNEL)
+            # A full CQ silently drops completions on rxe: size each for every WR it can see.
+            self.send_cq = CQ(ctx, send_count + 8, None, self.send_comp, 0)
+            self.recv_cq = CQ(ctx, recv_count + 8, None, self.recv_comp, 0)
+            cap = QPCap(max_send_wr=send_count + 4, max_recv_wr=recv_count,
+                        max_send_sge=1, max_recv_sge=1)
+            init = QPInitAttr(qp_type=e.IBV_QPT_RC, scq=self.send_cq, rcq=self.recv_cq,
+                              cap=cap, sq_sig_all=0)
+            self.qp = QP(dev.pd, init)
+        except PyverbsError as exc:
+            self.close()
+            raise verbs_error(exc, "creating the queue pair") from exc
+        self.recv_ring = Ring(dev, recv_count, recv_size, e.IBV_ACCESS_LOCAL_WRITE)
+        self.send_ring = Ring(dev, send_count, send_size, e.IBV_ACCESS_LOCAL_WRITE)
+        # One receive WR per slot, built once (see the module docstring). RecvWR copies
+        # its SGE, so the temporary SGE is freed at once.
+        self._recv_wrs = []
+        for i in range(recv_count):
+            sge = SGE(self.recv_ring.addr + i * recv_size, recv_size, self.recv_ring.lkey)
+            self._recv_wrs.append(RecvWR(wr_id=i, num_sge=1, sg=[sge]))
+            sge.close()
+        # A SendWR pointed at an SGE's own struct (``sg_list``) lets us change the length in
+        # place; the WR's close() then frees that struct. (The SG list the constructor
+        # copied is lost: 16 bytes per slot per connection, unavoidable in pyverbs 44.)
+        self._send_sges = [SGE(self.send_ring.addr + i * send_size, send_size,
+                               self.send_ring.lkey) for i in range(send_count)]
+        self._send_wrs: list[Any] = []
+        for i, sge in enumerate(self._send_sges):
+            wr = SendWR(wr_id=i, opcode=e.IBV_WR_SEND, num_sge=1, sg=[sge], send_flags=0)
+            wr.sg_list = sge
+            self._send_wrs.append(wr)
+        self.qp_num: int = self.qp.qp_num
+
+    # ------------------------------------------------------------------ QP states
+
+    def modify(self, cmid: Any, state: int) -> None:
+        attr, mask = cmid.init_qp_attr(state)
+        if state == e.IBV_QPS_RTR:
+            attr.min_rnr_timer = MIN_RNR_TIMER
+        elif state == e.IBV_QPS_RTS:
+            attr.timeout, attr.retry_cnt, attr.rnr_retry = ACK_TIMEOUT, RETRY_CNT, RNR_RETRY
+            mask |= e.IBV_QP_TIMEOUT | e.IBV_QP_RETRY_CNT | e.IBV_QP_RNR_RETRY
+        try:
+            self.qp.modify(attr, mask)
+        except PyverbsError as exc:
+            raise verbs_error(exc, f"moving the QP to state {state}") from exc
+
+    def to_error(self) -> None:
+        """Flush every posted WR (rdma_disconnect does not touch an external QP)."""
+        try:
+            self.qp.modify(QPAttr(qp_state=e.IBV_QPS_ERR), e.IBV_QP_STATE)
+        except PyverbsError:
+            pass  # already in error or destroyed: nothing left to flush
+
+    # ------------------------------------------------------------------ posting
+
+    def post_recv(self, slot: int) -> None:
+        try:
+            self.qp.post_recv(self._recv_wrs[slot])
+        except PyverbsRDMAError as exc:
+            raise verbs_error(exc, "posting a receive") from exc
+
+    def post_send(self, slot: int, length: int, signaled: bool) -> None:
+        self._send_sges[slot].length = length
+        wr = self._send_wrs[slot]
+        wr.send_flags = e.IBV_SEND_SIGNALED if signaled else 0
+        try:
+            self.qp.post_send(wr)
+        except PyverbsRDMAError as exc:
+            raise verbs_error(exc, "posting a send") from exc
+
+    # ------------------------------------------------------------------ CQs
+
+    @staticmethod
+    def poll(cq: CQ, budget: int) -> list[Any]:
+        n, wcs = cq.poll(budget)
+        return list(wcs[:n]) if n else []
+
+    def take_event(self, send: bool) -> None:
+        """Consume the completion event our fd reported (the fd said it is there)."""
+        comp, cq = (self.send_comp, self.send_cq) if send else (self.recv_comp, self.recv_cq)
+        comp.get_cq_event(cq)
+        cq.ack_events(1)  # acking is a userspace counter: cheap enough to do each time
+
+    def close(self) -> None:
+        """Destroy in dependency order; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for name in ("qp", "send_cq", "recv_cq", "send_comp", "recv_comp"):
+            obj = getattr(self, name, None)
+            if obj is not None:
+                with contextlib.suppress(PyverbsError):
+                    obj.close()
+        # Free the C memory pyverbs 44 would leak (once: closing twice is a double free).
+        # A send WR's close() frees its SGE's struct too, so the SGEs are not closed.
+        for wr in getattr(self, "_recv_wrs", []) + getattr(self, "_send_wrs", []):
+            wr.close()
+        self._recv_wrs, self._send_wrs, self._send_sges = [], [], []
+        for ring in ("recv_ring", "send_ring"):
+            r = getattr(self, ring, None)
+            if r is not None:
+                r.close()
