@@ -40,27 +40,35 @@ returning the buffer that the other's last credit update consumed, forever. The 
 1. DATA, DISCONN and KEEPALIVE need at least two credits. The last credit is reserved for a
    payload-free message that returns credits (SDP rule CA4-82).
 2. A credit update is sent when ``rx_owed >= max(1, local_recv_bufs // 2)`` (batching, like
-   rsockets' half-ring), or when the peer is at zero credits and we owe it anything.
-3. The last credit is never spent to return a single buffer. A side that goes to zero has
-   therefore just handed the other at least two, and that side can answer without going to
-   zero itself. This is what ends ping-pong. Returning one buffer with the last credit would
-   just move helplessness back and forth.
-4. While the peer is at zero and we owe it nothing yet (its rescue-me buffer is still being
-   re-posted), DATA/DISCONN/KEEPALIVE need a third credit. We must keep the two that
-   rule 3 needs to rescue it.
+   rsockets' half-ring), or when the peer is at zero credits and we owe it anything
+   ("rescue").
+3. The last credit is never spent to return a single buffer: that would only hand the
+   helplessness back, and two sides doing it would ping-pong forever.
+4. While the peer is at zero and we owe it nothing yet (the buffer its update used is
+   still being re-posted), DATA/DISCONN/KEEPALIVE need a third credit. We keep the two
+   that rule 3 needs to give the buffer back.
 
-Together: a side reaches zero credits only by giving the other at least two, and that side
-then keeps enough to give one back as soon as the buffer is re-posted. So the two sides are
-never both stuck. When a reader has drained its ring, everything not advertised is owed
-(``rx_owed >= local_recv_bufs - 1``), so rule 2 fires for any writer waiting on credits.
-Each credit update leaves its receiver owing one more buffer. That can trigger at most one
-answer (rule 3), so chains of updates stop after a few messages.
+Why it holds: a side reaches zero only through a credit update, and by rules 2 and 3
+(the threshold is at least 2) that update returns at least two buffers. The other side
+then holds at least two and, by rule 4, keeps them until its next frame (DATA carries
+``bufs`` too, or the rescue) returns the buffer that the update consumed. So a zero never
+lasts, and the two sides are never stuck at the same time. A reader that has drained its
+ring owes everything it did not advertise (``rx_owed >= local_recv_bufs - 1``), so rule 2
+fires for any writer that waits on it. A credit update leaves its receiver owing one buffer
+more, which can trigger at most a rescue, and rule 3 keeps the rescue from being answered.
+Update chains therefore stop after a few frames.
 
-Incoming frames are held to the same rules where they are provable: a frame needs a credit
-we advertised; DATA/DISCONN/KEEPALIVE must leave the sender one (our ``peer_credits``
-overestimates the sender's view, so this has no false positives); ``bufs`` may not return
-more buffers than the peer has received from us (by its ``mseq_ack``), nor push our credits
-above ``peer_recv_bufs``.
+The pair tests show what each rule is for. Without rule 4, an application that reads only
+after writing everything, facing an eager reader (a case TCP completes), deadlocks. Rule 3
+and the rescue never fire between two usdp peers that follow rule 4. They make recovery
+immediate, and they keep us safe with a peer that follows only CA4-82 (which allows a
+single buffer to be returned with the last credit).
+
+Incoming frames are held to the rules a receiver can prove: a frame needs a credit we
+advertised; DATA/DISCONN/KEEPALIVE must leave the sender one (our ``peer_credits`` never
+underestimates the sender's own count, so this has no false positives); ``bufs`` may not
+return more buffers than the peer has received from us (by its ``mseq_ack``), nor push our
+credits above ``peer_recv_bufs``.
 
 Errors
 ------

@@ -42,6 +42,11 @@ from usdp._wire import HEADER_SIZE, Header, Params, pack_header_into
 log = logging.getLogger("usdp")
 
 POLL_BUDGET = 16  # completions per poll call (the kernel's own CQ poller uses 16)
+_PEER_GONE_EVENTS = frozenset({
+    _cm.EV.RDMA_CM_EVENT_DISCONNECTED, _cm.EV.RDMA_CM_EVENT_DEVICE_REMOVAL,
+    _cm.EV.RDMA_CM_EVENT_CONNECT_ERROR, _cm.EV.RDMA_CM_EVENT_UNREACHABLE,
+    _cm.EV.RDMA_CM_EVENT_REJECTED,
+})
 SEND = CqPend.SEND_CQ_PEND
 RECV = CqPend.RECV_CQ_PEND
 
@@ -160,7 +165,7 @@ class Endpoint:
             return
         ev = self.channel.get(0)
         self.stats.cm_events += 1
-        if ev.type in (_cm.EV.RDMA_CM_EVENT_DISCONNECTED, _cm.EV.RDMA_CM_EVENT_DEVICE_REMOVAL):
+        if ev.type in _PEER_GONE_EVENTS:
             with self.lock:
                 # Completions may still sit in the CQs: take them before judging.
                 self._drain(SEND | RECV)

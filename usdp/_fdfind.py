@@ -12,6 +12,7 @@ once cannot confuse each other's fds.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import threading
@@ -36,8 +37,36 @@ def _fds_matching(target: str) -> set[int]:
     return found
 
 
+# Where the fd sits in the C struct behind the pyverbs object: pyverbs 44 keeps the C
+# pointer at offset 40 of the Python object; ``struct rdma_event_channel`` starts with the
+# fd, ``struct ibv_comp_channel`` has it after the context pointer.
+_CPTR_OFFSET = 40
+_FD_OFFSET = {CM_CHANNEL: 0, COMP_CHANNEL: 8}
+
+
+def _fd_from_struct(obj: object, target: str) -> int | None:
+    """Read the fd out of the C struct, and check it with one readlink."""
+    try:
+        ptr = ctypes.c_void_p.from_address(id(obj) + _CPTR_OFFSET).value
+        if not ptr:
+            return None
+        fd = ctypes.c_int.from_address(ptr + _FD_OFFSET[target]).value
+        return fd if os.readlink(f"/proc/self/fd/{fd}") == target else None
+    except (OSError, ValueError):
+        return None
+
+
 def create_with_fd(factory: Callable[[], _T], target: str) -> tuple[_T, int]:
-    """Call ``factory()`` and return its result with the one new fd linking to ``target``."""
+    """Call ``factory()`` and return its result with the one new fd linking to ``target``.
+
+    Fast path: read the fd from the C struct and verify it (one system call). Scanning
+    ``/proc/self/fd`` costs a readlink per open fd, which adds up with many connections.
+    """
+    obj = factory()
+    fd = _fd_from_struct(obj, target)
+    if fd is not None:
+        return obj, fd
+    del obj
     with _CREATE_LOCK:
         before = _fds_matching(target)
         obj = factory()

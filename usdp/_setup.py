@@ -169,9 +169,10 @@ class Listener:
             res.modify(child, e.IBV_QPS_RTS)
             param = _cm.conn_param(res.qp_num, ack.encode(), accept=True)
             child.accept(param)
-            _cm.expect(chan, _cm.EV.RDMA_CM_EVENT_ESTABLISHED,
-                       time.monotonic() + self.opts.handshake_timeout,
-                       f"handshake with {peer_addr[0]}:{peer_addr[1]}")
+            # Not waiting for ESTABLISHED (the active side's RTU): our QP is already in
+            # RTS, so data may flow; the event arrives on the connection's own channel and
+            # a failed handshake (CONNECT_ERROR) resets the connection there. This lets one
+            # accept loop take many connections without a round trip each.
             ep = Endpoint(child, chan, res, params, defer=self.opts.defer,
                           signal_every=self.opts.signal_every)
             ep.start()

@@ -419,7 +419,9 @@ def test_acks_track_the_peer() -> None:
 # ------------------------------------------------------------------------ hostile peers
 
 
-def _expect_latched(c: Connection, p: Peer, mid: int, payload: bytes, match: str, **kw: int) -> None:
+def _expect_latched(
+    c: Connection, p: Peer, mid: int, payload: bytes, match: str, **kw: int
+) -> None:
     with pytest.raises(ProtocolError, match=match) as info:
         p.send(mid, payload, **kw)
     exc = info.value

@@ -69,7 +69,9 @@ VALID_PAYLOAD = {
 }
 
 
-def raw_frame(mid: int, payload: bytes = b"", *, flags: int = 0, length: int | None = None) -> bytes:
+def raw_frame(
+    mid: int, payload: bytes = b"", *, flags: int = 0, length: int | None = None
+) -> bytes:
     n = HEADER_SIZE + len(payload) if length is None else length
     return struct.pack(">BBHIII", mid, flags, 3, n, 7, NO_SEQ) + payload
 
@@ -444,7 +446,9 @@ def test_negotiate_refuses_header_only_sender() -> None:
 def test_negotiate_never_exceeds_peer_buffers(
     lb: int, ls: int, lm: int, pb: int, ps: int, pm: int
 ) -> None:
-    p = negotiate(Hello(HandshakeKind.HELLO, lb, ls, lm), Hello(HandshakeKind.HELLO_ACK, pb, ps, pm))
+    p = negotiate(
+        Hello(HandshakeKind.HELLO, lb, ls, lm), Hello(HandshakeKind.HELLO_ACK, pb, ps, pm)
+    )
     assert HEADER_SIZE + p.max_payload <= min(ps, lm)
     assert p.max_recv_frame <= ls
     assert (p.local_recv_bufs, p.peer_recv_bufs) == (lb, pb)
