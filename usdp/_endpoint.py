@@ -153,11 +153,8 @@ class Endpoint:
         if self.closed:
             return
         self.res.take_event(send=flag is SEND)
-        if self.lock.bh_event(flag, timeout=5.0):
-            try:
-                self._drain(flag)
-            finally:
-                self.lock.bh_unlock()
+        # bh_event + drain + bh_unlock; if the drain raises, the flag is pending again.
+        self.lock.bh_handle(flag, timeout=5.0)
 
     def _on_cm_event(self) -> None:
         """BH: the connection's own CM channel fired (DISCONNECTED, mostly)."""

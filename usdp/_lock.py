@@ -120,7 +120,7 @@ def _remaining(deadline: float | None) -> float | None:
 class LockStats:
     """Counters of one :class:`ConnLock`, read together under its mutex.
 
-    With deferral on, ``events == deferred + bh_drains`` always holds. Several deferred
+    ``events == deferred + bh_drains`` always holds. Several deferred
     events fold into one later drain, so ``unlock_drains <= deferred``. The gap between the
     two is the batching the seed promises.
 
@@ -178,8 +178,8 @@ class ConnLock:
         self._defer = defer
         self._name = name
         # The seed's spinlock. Held only for a few statements, never across a drain or a
-        # sleep. Everything below, up to the counters, is read and written only with it
-        # held.
+        # sleep. Every field below, counters included, is read and written only with it
+        # held (the three above never change).
         self._mutex = threading.Lock()
         # The seed's wait queue. Woken when ownership is dropped, when the generation
         # changes, and (for relock's hand-off) when someone acquires or gives up waiting.
@@ -433,15 +433,15 @@ class ConnLock:
         if timeout is not None and timeout < 0:
             raise ValueError(f"timeout must be >= 0 or None, not {timeout!r}")
         with self._mutex:
+            if not self._defer and self._users and self._owner == threading.get_ident():
+                raise RuntimeError(
+                    f"{self._label()}: bh_event(defer=False) by the owner would deadlock"
+                )
             self._events += 1
             if self._users and self._defer:
                 self._pending |= flag
                 self._deferred += 1
                 return False
-            if self._users and self._owner == threading.get_ident():
-                raise RuntimeError(
-                    f"{self._label()}: bh_event(defer=False) by the owner would deadlock"
-                )
             if self._acquire_locked(timeout, bh=True):
                 self._bh_drains += 1
                 return True

@@ -123,9 +123,9 @@ def test_makefile_lines(host_a: str, port: int) -> None:
         with conn.makefile("w", encoding="utf-8") as f:
             f.writelines(lines)
 
-    with server(host_a, port, write_lines) as errors, client(host_a, port) as s:
-        with s.makefile("r", encoding="utf-8") as f:
-            got = f.readlines()
+    with server(host_a, port, write_lines) as errors, client(host_a, port) as s, \
+            s.makefile("r", encoding="utf-8") as f:
+        got = f.readlines()
     assert got == lines
     assert not errors, errors
 
@@ -166,10 +166,10 @@ def test_slow_reader_stalls_writer_and_loses_nothing(host_a: str, port: int) -> 
             if len(got) % 50 == 0:
                 time.sleep(0.001)  # workload shaping, not synchronisation
 
-    with server(host_a, port, slow_read, options=opts) as errors:
-        with client(host_a, port, opts) as s:
-            s.sendall(data)
-            stats = s.stats()
+    with server(host_a, port, slow_read, options=opts) as errors, \
+            client(host_a, port, opts) as s:
+        s.sendall(data)
+        stats = s.stats()
     assert bytes(got) == data
     assert stats["credit_stalls"] > 0, stats
     assert not errors, errors

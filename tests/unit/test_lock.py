@@ -755,7 +755,8 @@ def test_no_defer_bh_timeout_falls_back_to_deferring() -> None:
         with pytest.raises(RuntimeError, match="deadlock"):
             lock.bh_event(RECV)  # the owner itself, with defer=False
     s = lock.stats()
-    assert (s.deferred, s.bh_waits, s.unlock_drains) == (1, 1, 1)
+    assert (s.events, s.deferred, s.bh_waits, s.unlock_drains) == (1, 1, 1, 1)
+    assert_accounting(s)
     assert_quiescent(io, range(1, 2))
 
 
