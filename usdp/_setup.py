@@ -68,8 +68,9 @@ def connect(dst: tuple[str, int], src: str | None, opts: Options,
     try:
         cmid = _cm.new_id(chan)
         _cm.resolve(cmid, chan, dst, src, deadline)
-        # The send ring must hold the peer's frames; we learn its size only from the
-        # HelloAck, so size it for the largest frame we could ever be allowed.
+        # Send slots must hold our largest frame. We learn the peer's slot size only from
+        # the HelloAck, but negotiate() caps frames at min(peer slot, our max_msg), and
+        # our max_msg is our own slot size: that bound is known now.
         res = _resources(cmid, opts, opts.recv_buf_size)
         res.modify(cmid, e.IBV_QPS_INIT)
         _post_all(res)
@@ -89,8 +90,6 @@ def connect(dst: tuple[str, int], src: str | None, opts: Options,
                                    f"(status {ev.status})")
         peer = decode_hello(ev.private_data, expect_kind=HandshakeKind.HELLO_ACK)
         params = negotiate(hello, peer)
-        if peer.recv_buf_size > opts.recv_buf_size:
-            pass  # frames are capped by negotiate() at min(peer slot, our max_msg)
         res.modify(cmid, e.IBV_QPS_RTR)
         res.modify(cmid, e.IBV_QPS_RTS)
         cmid.establish()

@@ -183,39 +183,38 @@ class SdpSocket:
 
     def send(self, data: Any, flags: int = 0) -> int:
         """Send some of ``data``; returns how many bytes were taken (at least 1)."""
-        ep = self._connected()
-        if self._wr_shut:
-            raise BrokenPipe(errno.EPIPE, "Broken pipe (write side shut down)")
-        mv = memoryview(data).cast("B")
+        ep, mv = self._send_target(data)
         if not mv:
             return 0
         with ep.lock:
-            ep.check_send()
-            ep.wait(lambda: ep.writable() or ep.conn.error is not None or ep.peer_gone,
-                    self._timeout, "send")
-            ep.check_send()
-            if ep.peer_gone:
-                raise BrokenPipe(errno.EPIPE, "Broken pipe (peer disconnected)")
+            self._wait_writable(ep, "send")
             return ep.send_some(mv)
 
     def sendall(self, data: Any, flags: int = 0) -> None:
         """Send all of ``data``; relocks between batches so completions get drained."""
-        ep = self._connected()
-        if self._wr_shut:
-            raise BrokenPipe(errno.EPIPE, "Broken pipe (write side shut down)")
-        mv = memoryview(data).cast("B")
+        ep, mv = self._send_target(data)
         sent = 0
         with ep.lock:
             while sent < len(mv):
-                ep.check_send()
-                ep.wait(lambda: ep.writable() or ep.conn.error is not None or ep.peer_gone,
-                        self._timeout, "sendall")
-                ep.check_send()
-                if ep.peer_gone:
-                    raise BrokenPipe(errno.EPIPE, "Broken pipe (peer disconnected)")
+                self._wait_writable(ep, "sendall")
                 sent += ep.send_some(mv[sent:])
                 if sent < len(mv):
                     ep.lock.relock()  # SDP_CONN_RELOCK: drain deferred completions
+
+    def _send_target(self, data: Any) -> tuple[Endpoint, memoryview]:
+        ep = self._connected()
+        if self._wr_shut:
+            raise BrokenPipe(errno.EPIPE, "Broken pipe (write side shut down)")
+        return ep, memoryview(data).cast("B")
+
+    def _wait_writable(self, ep: Endpoint, what: str) -> None:
+        """Owner waits for a credit and a send buffer; raises the socket's errors."""
+        ep.check_send()
+        ep.wait(lambda: ep.writable() or ep.conn.error is not None or ep.peer_gone,
+                self._timeout, what)
+        ep.check_send()
+        if ep.peer_gone:
+            raise BrokenPipe(errno.EPIPE, "Broken pipe (peer disconnected)")
 
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
         if bufsize < 0:
