@@ -29,7 +29,7 @@ def test_bad_hello_is_rejected_with_its_reason(host_a: str, port: int, hello: by
     lst = usdp.SdpSocket()
     lst.bind((host_a, port))
     lst.listen()
-    lst.settimeout(5)  # the bad peer is refused, so accept() times out
+    lst.settimeout(10)  # the bad peer is refused, so accept() times out
     outcome: list[BaseException] = []
 
     def accept() -> None:
