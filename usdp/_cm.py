@@ -26,7 +26,7 @@ import pyverbs.cm_enums as ce
 from pyverbs.cmid import CMID, AddrInfo, CMEvent, CMEventChannel, ConnParam
 from pyverbs.pyverbs_error import PyverbsError
 
-from usdp._errors import Timeout, error_from_errno
+from usdp._errors import Timeout, UsdpError, error_from_errno
 from usdp._fdfind import CM_CHANNEL, create_with_fd
 
 EV = ce  # event type constants: EV.RDMA_CM_EVENT_*
@@ -141,7 +141,7 @@ def conn_param(qp_num: int, private_data: bytes, *, accept: bool) -> ConnParam:
     return p
 
 
-def _cm_call(what: str, fn: Any, *args: Any) -> Any:
+def cm_call(what: str, fn: Any, *args: Any) -> Any:
     try:
         return fn(*args)
     except PyverbsError as exc:
@@ -153,11 +153,11 @@ def _cm_call(what: str, fn: Any, *args: Any) -> Any:
 def resolve(cmid: CMID, channel: Channel, dst: tuple[str, int], src: str | None,
             deadline: float | None) -> None:
     """Resolve address and route for an active id (ADDR_RESOLVED, ROUTE_RESOLVED)."""
-    ai = _cm_call("rdma_getaddrinfo", AddrInfo, src, dst[0], None, str(dst[1]), ce.RDMA_PS_TCP)
+    ai = cm_call("rdma_getaddrinfo", AddrInfo, src, dst[0], None, str(dst[1]), ce.RDMA_PS_TCP)
     ms = 2000 if deadline is None else max(1, int(min(2.0, deadline - time.monotonic()) * 1000))
-    _cm_call("rdma_resolve_addr", cmid.resolve_addr, ai, ms)
+    cm_call("rdma_resolve_addr", cmid.resolve_addr, ai, ms)
     expect(channel, ce.RDMA_CM_EVENT_ADDR_RESOLVED, deadline, f"resolving {dst[0]}")
-    _cm_call("rdma_resolve_route", cmid.resolve_route, ms)
+    cm_call("rdma_resolve_route", cmid.resolve_route, ms)
     expect(channel, ce.RDMA_CM_EVENT_ROUTE_RESOLVED, deadline, f"route to {dst[0]}")
 
 
@@ -171,12 +171,17 @@ _EVENT_ERRNO = {
 }
 
 
+def event_error(ev: Event, what: str) -> UsdpError:
+    """The error for a CM event that is not the one a setup step waited for."""
+    err = _EVENT_ERRNO.get(ev.type, errno.EPROTO)
+    return error_from_errno(err, f"{what}: {ev.name} (status {ev.status})")
+
+
 def expect(channel: Channel, want: int, deadline: float | None, what: str) -> Event:
     remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
     ev = channel.get(remaining)
     if ev.type != want:
-        err = _EVENT_ERRNO.get(ev.type, errno.EPROTO)
-        raise error_from_errno(err, f"{what}: {ev.name} (status {ev.status})")
+        raise event_error(ev, what)
     return ev
 
 
@@ -187,7 +192,7 @@ def bind_listen(cmid: CMID, addr: tuple[str, int], backlog: int) -> None:
         raise error_from_errno(errno.EADDRNOTAVAIL,
                                "usdp listeners need a concrete local address (RDMA CM binds "
                                "to a device); got a wildcard")
-    ai = _cm_call("rdma_getaddrinfo", AddrInfo, host, None, str(addr[1]), None,
+    ai = cm_call("rdma_getaddrinfo", AddrInfo, host, None, str(addr[1]), None,
                   ce.RDMA_PS_TCP, ce.RAI_PASSIVE)
-    _cm_call(f"rdma_bind_addr {host}:{addr[1]}", cmid.bind_addr, ai)
-    _cm_call("rdma_listen", cmid.listen, backlog)
+    cm_call(f"rdma_bind_addr {host}:{addr[1]}", cmid.bind_addr, ai)
+    cm_call("rdma_listen", cmid.listen, backlog)

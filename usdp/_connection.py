@@ -489,6 +489,10 @@ class Connection:
         need = 3 if self._peer_credits == 0 and self._rx_owed == 0 else 2
         return self._tx_credits >= need
 
+    def data_credit_ok(self) -> bool:
+        """True if :meth:`data_header` would succeed now; counts nothing (for polling)."""
+        return self._error is None and not self._wr_shut and self._nonupdate_ok()
+
     def can_send_data(self) -> bool:
         """True if :meth:`data_header` would succeed now (counts a stall when credits lack)."""
         if self._error is not None or self._wr_shut:

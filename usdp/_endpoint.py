@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from usdp import _cm
-from usdp._connection import Connection
+from usdp._connection import Connection, State
 from usdp._errors import (
     BrokenPipe,
     ConnectionReset,
@@ -177,8 +177,6 @@ class Endpoint:
             log.debug("qp%d: CM event %s ignored", self.res.qp_num, ev.name)
 
     def _peer_closed(self) -> bool:
-        from usdp._connection import State
-
         return self.conn.state in (State.RD_CLOSED, State.CLOSED)
 
     # ------------------------------------------------------------------ draining
@@ -300,13 +298,13 @@ class Endpoint:
             self._post_frame(h, None, signal=True)
 
     def writable(self) -> bool:
-        return bool(self.free_send) and self.conn.can_send_data()
+        return bool(self.free_send) and self.conn.data_credit_ok()
 
     def send_some(self, data: memoryview) -> int:
         """Post as much of ``data`` as credits and buffers allow now (owner only)."""
         sent = 0
         maxp = self.conn.max_payload
-        while sent < len(data) and self.free_send and self.conn.can_send_data():
+        while sent < len(data) and self.writable():
             n = min(maxp, len(data) - sent)
             self._post_frame(self.conn.data_header(n), data[sent : sent + n])
             sent += n
@@ -314,6 +312,20 @@ class Endpoint:
             self._send_control()
             self._update_readiness()
         return sent
+
+    def wait_writable(self, timeout: float | None, what: str) -> None:
+        """Owner waits for a credit and a send buffer; raises the socket's errors.
+
+        A wait caused by missing credits (buffers free) counts one credit stall.
+        """
+        self.check_send()
+        if self.free_send and not self.writable():
+            self.conn.can_send_data()  # counts the stall
+        self.wait(lambda: self.writable() or self.conn.error is not None or self.peer_gone,
+                  timeout, what)
+        self.check_send()
+        if self.peer_gone:
+            raise BrokenPipe(errno.EPIPE, "Broken pipe (peer disconnected)")
 
     def check_send(self) -> None:
         err = self.conn.error

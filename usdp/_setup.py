@@ -12,7 +12,6 @@ the peer's first credits.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import time
 from typing import Any
@@ -22,7 +21,7 @@ import pyverbs.enums as e
 from usdp import _cm
 from usdp._config import Options
 from usdp._endpoint import Endpoint
-from usdp._errors import HandshakeError, UsdpError, error_from_errno
+from usdp._errors import HandshakeError, UsdpError
 from usdp._verbs import Device, QPResources
 from usdp._wire import (
     HandshakeKind,
@@ -76,18 +75,12 @@ def connect(dst: tuple[str, int], src: str | None, opts: Options,
         _post_all(res)
         hello = _hello(opts, HandshakeKind.HELLO)
         param = _cm.conn_param(res.qp_num, hello.encode(), accept=False)
-        try:
-            cmid.connect(param)
-        except Exception as exc:
-            raise error_from_errno(getattr(exc, "error_code", errno.EIO) or errno.EIO,
-                                   f"rdma_connect: {exc}") from exc
+        _cm.cm_call("rdma_connect", cmid.connect, param)
         ev = chan.get(max(0.0, deadline - time.monotonic()))
         if ev.type == _cm.EV.RDMA_CM_EVENT_REJECTED:
             raise error_from_reject(ev.private_data)
         if ev.type != _cm.EV.RDMA_CM_EVENT_CONNECT_RESPONSE:
-            raise error_from_errno(_cm._EVENT_ERRNO.get(ev.type, errno.EPROTO),
-                                   f"connecting to {dst[0]}:{dst[1]}: {ev.name} "
-                                   f"(status {ev.status})")
+            raise _cm.event_error(ev, f"connecting to {dst[0]}:{dst[1]}")
         peer = decode_hello(ev.private_data, expect_kind=HandshakeKind.HELLO_ACK)
         params = negotiate(hello, peer)
         res.modify(cmid, e.IBV_QPS_RTR)

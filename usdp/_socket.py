@@ -187,7 +187,7 @@ class SdpSocket:
         if not mv:
             return 0
         with ep.lock:
-            self._wait_writable(ep, "send")
+            ep.wait_writable(self._timeout, "send")
             return ep.send_some(mv)
 
     def sendall(self, data: Any, flags: int = 0) -> None:
@@ -196,7 +196,7 @@ class SdpSocket:
         sent = 0
         with ep.lock:
             while sent < len(mv):
-                self._wait_writable(ep, "sendall")
+                ep.wait_writable(self._timeout, "sendall")
                 sent += ep.send_some(mv[sent:])
                 if sent < len(mv):
                     ep.lock.relock()  # SDP_CONN_RELOCK: drain deferred completions
@@ -206,15 +206,6 @@ class SdpSocket:
         if self._wr_shut:
             raise BrokenPipe(errno.EPIPE, "Broken pipe (write side shut down)")
         return ep, memoryview(data).cast("B")
-
-    def _wait_writable(self, ep: Endpoint, what: str) -> None:
-        """Owner waits for a credit and a send buffer; raises the socket's errors."""
-        ep.check_send()
-        ep.wait(lambda: ep.writable() or ep.conn.error is not None or ep.peer_gone,
-                self._timeout, what)
-        ep.check_send()
-        if ep.peer_gone:
-            raise BrokenPipe(errno.EPIPE, "Broken pipe (peer disconnected)")
 
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
         if bufsize < 0:

@@ -131,11 +131,14 @@ class QPResources:
             init = QPInitAttr(qp_type=e.IBV_QPT_RC, scq=self.send_cq, rcq=self.recv_cq,
                               cap=cap, sq_sig_all=0)
             self.qp = QP(dev.pd, init)
+            self.recv_ring = Ring(dev, recv_count, recv_size, e.IBV_ACCESS_LOCAL_WRITE)
+            self.send_ring = Ring(dev, send_count, send_size, e.IBV_ACCESS_LOCAL_WRITE)
         except PyverbsError as exc:
             self.close()
             raise verbs_error(exc, "creating the queue pair") from exc
-        self.recv_ring = Ring(dev, recv_count, recv_size, e.IBV_ACCESS_LOCAL_WRITE)
-        self.send_ring = Ring(dev, send_count, send_size, e.IBV_ACCESS_LOCAL_WRITE)
+        except BaseException:
+            self.close()  # a ring failed to register: free what exists
+            raise
         # One receive WR per slot, built once (see the module docstring). RecvWR copies
         # its SGE, so the temporary SGE is freed at once.
         self._recv_wrs = []
