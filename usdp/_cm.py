@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import os
 import select
 import socket
 import time
@@ -26,13 +27,14 @@ import pyverbs.cm_enums as ce
 from pyverbs.cmid import CMID, AddrInfo, CMEvent, CMEventChannel, ConnParam
 from pyverbs.pyverbs_error import PyverbsError
 
-from usdp._errors import Timeout, UsdpError, error_from_errno
+from usdp._errors import Timeout, UsdpError, WouldBlock, error_from_errno
 from usdp._fdfind import CM_CHANNEL, create_with_fd
 
 EV = ce  # event type constants: EV.RDMA_CM_EVENT_*
 
 _librdmacm = ctypes.CDLL("librdmacm.so.1", use_errno=True)
 _librdmacm.rdma_migrate_id.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+_librdmacm.rdma_bind_addr.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
 # pyverbs objects with a vtable keep their C pointer right after it (see docs/design.md).
 _CPTR_OFFSET = 40
 if CMID.__basicsize__ != 80 or CMEvent.__basicsize__ != 48:  # pragma: no cover
@@ -51,24 +53,40 @@ class _EventC(ctypes.Structure):
                 ("event", ctypes.c_int), ("status", ctypes.c_int)]
 
 
-def _sockaddr(p: int) -> tuple[str, int]:
+#: A socket address as Python's socket module gives it: (host, port) for AF_INET,
+#: (host, port, flowinfo, scope_id) for AF_INET6.
+SockAddr = tuple[Any, ...]
+
+
+def _sockaddr(p: int) -> SockAddr:
     fam = ctypes.c_uint16.from_address(p).value
     port = socket.ntohs(ctypes.c_uint16.from_address(p + 2).value)
     if fam == socket.AF_INET:
         return socket.inet_ntop(fam, ctypes.string_at(p + 4, 4)), port
     if fam == socket.AF_INET6:
-        return socket.inet_ntop(fam, ctypes.string_at(p + 8, 16)), port
+        flow = socket.ntohl(ctypes.c_uint32.from_address(p + 4).value)
+        scope = ctypes.c_uint32.from_address(p + 24).value
+        return socket.inet_ntop(fam, ctypes.string_at(p + 8, 16)), port, flow, scope
     return "", port
 
 
-def local_addr(cmid: CMID) -> tuple[str, int]:
+def local_addr(cmid: CMID) -> SockAddr:
     """The id's bound address (rdma_cm_id.route.addr.src_addr)."""
     return _sockaddr(_cptr(cmid) + 32)
 
 
-def peer_addr(cmid: CMID) -> tuple[str, int]:
+def peer_addr(cmid: CMID) -> SockAddr:
     """The id's peer address (rdma_cm_id.route.addr.dst_addr)."""
     return _sockaddr(_cptr(cmid) + 160)
+
+
+def _sockaddr_bytes(family: int, host: str, port: int) -> bytes:
+    """A C ``sockaddr_in``/``sockaddr_in6`` for ``rdma_bind_addr``."""
+    fam = family.to_bytes(2, "little")  # sa_family_t is host order (x86_64)
+    if family == socket.AF_INET:
+        return fam + port.to_bytes(2, "big") + socket.inet_pton(family, host) + bytes(8)
+    return (fam + port.to_bytes(2, "big") + bytes(4) + socket.inet_pton(family, host)
+            + bytes(4))
 
 
 @dataclass(frozen=True)
@@ -106,6 +124,8 @@ class Channel:
     def get(self, timeout: float | None) -> Event:
         """The next event; ``Timeout`` if none within ``timeout`` seconds."""
         if not self.readable(timeout):
+            if timeout == 0:
+                raise WouldBlock(errno.EAGAIN, "no connection manager event pending")
             raise Timeout(errno.ETIMEDOUT, "timed out waiting for the connection manager")
         ev = CMEvent(self.ch)
         c = _EventC.from_address(_cptr(ev))
@@ -185,13 +205,18 @@ def expect(channel: Channel, want: int, deadline: float | None, what: str) -> Ev
     return ev
 
 
-def bind_listen(cmid: CMID, addr: tuple[str, int], backlog: int) -> None:
-    host = addr[0]
+def bind_listen(cmid: CMID, addr: SockAddr, backlog: int, family: int) -> None:
+    host, port = addr[0], int(addr[1])
     if host in ("", "0.0.0.0", "::"):
-        # pyverbs 44 dereferences a NULL device for a wildcard bind (segfault): refuse.
-        raise error_from_errno(errno.EADDRNOTAVAIL,
-                               "usdp listeners need a concrete local address (RDMA CM binds "
-                               "to a device); got a wildcard")
+        # pyverbs 44's bind_addr dereferences the (NULL) device of a wildcard-bound id and
+        # crashes, so bind through librdmacm directly; listen() itself is safe.
+        wild = "::" if family == socket.AF_INET6 else "0.0.0.0"
+        sa = ctypes.create_string_buffer(_sockaddr_bytes(family, wild, port), 28)
+        if _librdmacm.rdma_bind_addr(_cptr(cmid), sa) != 0:
+            err = ctypes.get_errno()
+            raise error_from_errno(err, f"rdma_bind_addr {wild}:{port}: {os.strerror(err)}")
+        cm_call("rdma_listen", cmid.listen, backlog)
+        return
     ai = cm_call("rdma_getaddrinfo", AddrInfo, host, None, str(addr[1]), None,
                   ce.RDMA_PS_TCP, ce.RAI_PASSIVE)
     cm_call(f"rdma_bind_addr {host}:{addr[1]}", cmid.bind_addr, ai)

@@ -56,7 +56,7 @@ def _post_all(res: QPResources) -> None:
         res.post_recv(slot)
 
 
-def connect(dst: tuple[str, int], src: str | None, opts: Options,
+def connect(dst: _cm.SockAddr, src: str | None, opts: Options,
             timeout: float | None) -> Endpoint:
     """Open a connection to a usdp listener at ``dst``."""
     step = opts.handshake_timeout if timeout is None else timeout
@@ -102,12 +102,12 @@ def connect(dst: tuple[str, int], src: str | None, opts: Options,
 class Listener:
     """A bound, listening CM id; ``accept`` completes one handshake at a time."""
 
-    def __init__(self, addr: tuple[str, int], backlog: int, opts: Options) -> None:
+    def __init__(self, addr: _cm.SockAddr, backlog: int, opts: Options, family: int) -> None:
         self.opts = opts
         self.chan = _cm.Channel()
         try:
             self.cmid = _cm.new_id(self.chan)
-            _cm.bind_listen(self.cmid, addr, backlog)
+            _cm.bind_listen(self.cmid, addr, backlog, family)
         except BaseException:
             self.chan.close()
             raise
@@ -116,7 +116,7 @@ class Listener:
     def fileno(self) -> int:
         return self.chan.fd
 
-    def accept(self, timeout: float | None) -> tuple[Endpoint, tuple[str, int]]:
+    def accept(self, timeout: float | None) -> tuple[Endpoint, _cm.SockAddr]:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -132,7 +132,7 @@ class Listener:
                 if timeout == 0.0:
                     raise
 
-    def _handshake(self, ev: _cm.Event) -> tuple[Endpoint, tuple[str, int]]:
+    def _handshake(self, ev: _cm.Event) -> tuple[Endpoint, _cm.SockAddr]:
         from pyverbs.cmid import CMID
 
         child = CMID(creator=ev.raw, listen_id=self.cmid)

@@ -16,7 +16,7 @@ import socket as _stdsocket
 import threading
 from typing import Any
 
-from usdp import _setup
+from usdp import _cm, _setup
 from usdp._config import Options
 from usdp._endpoint import Endpoint
 from usdp._errors import (
@@ -29,7 +29,7 @@ from usdp._errors import (
 )
 
 SHUT_RD, SHUT_WR, SHUT_RDWR = _stdsocket.SHUT_RD, _stdsocket.SHUT_WR, _stdsocket.SHUT_RDWR
-_Address = tuple[str, int]
+_Address = tuple[Any, ...]  # (host, port) or, for AF_INET6, (host, port, flow, scope)
 
 
 class SdpSocket:
@@ -123,9 +123,7 @@ class SdpSocket:
         if self._listener is not None:
             return self._listener.addr
         if self._ep is not None:
-            from usdp._cm import local_addr
-
-            return local_addr(self._ep.cmid)
+            return _cm.local_addr(self._ep.cmid)
         if self._bound is not None:
             return self._bound
         return ("0.0.0.0", 0)
@@ -145,7 +143,7 @@ class SdpSocket:
             return
         if self._bound is None:
             raise InvalidArgument(errno.EINVAL, "bind() a concrete address before listen()")
-        self._listener = _setup.Listener(self._bound, backlog, self._opts)
+        self._listener = _setup.Listener(self._bound, backlog, self._opts, self.family)
 
     def accept(self) -> tuple[SdpSocket, _Address]:
         """Wait for a connection; returns ``(SdpSocket, (host, port))``."""
@@ -170,7 +168,7 @@ class SdpSocket:
         src = self._bound[0] if self._bound else None
         self._ep = _setup.connect((host, port), src, self._opts,
                                   self._timeout if self._timeout else None)
-        self._peer = (host, port)
+        self._peer = _cm.peer_addr(self._ep.cmid)
 
     def connect_ex(self, address: _Address) -> int:
         try:
@@ -347,6 +345,9 @@ class SdpSocket:
             "drains_deferred": ls.deferred,
             "drains_bh": ls.bh_drains,
             "drains_unlock": ls.unlock_drains,
+            "bh_waits": ls.bh_waits,
+            "local_recv_bufs": ep.conn.params.local_recv_bufs,
+            "peer_recv_bufs": ep.conn.params.peer_recv_bufs,
             "cq_polls": ep.stats.cq_polls,
             "completions": ep.stats.completions,
             "recv_completions": ep.stats.recv_completions,

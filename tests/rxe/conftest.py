@@ -89,3 +89,9 @@ def netem(host_b: HostB) -> Iterator[Any]:
 
     yield apply
     apply(None)
+
+
+@pytest.fixture(scope="session")
+def host_a6(rxe_dev: str) -> str:
+    """This host's IPv6 address on the rxe link (RFC 5180 benchmarking range)."""
+    return os.environ.get("USDP_HOST_A6", rxe.HOST_A_ADDR6)

@@ -6,6 +6,7 @@ import hashlib
 import os
 import random
 import selectors
+import socket as stdsocket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -349,3 +350,132 @@ def test_open_close_cycles_release_everything(host_a: str, port: int) -> None:
           f"{rss_after} KiB ({(rss_after - rss) / cycles:.1f} KiB per cycle)")
     assert fds_after == fds
     assert rss_after - rss < 20 * 1024  # KiB; pyverbs 44 leaks ~16 B per send WR
+
+
+def test_wildcard_listener_and_ephemeral_port(host_a: str) -> None:
+    lst = usdp.SdpSocket()
+    lst.bind(("", 0))
+    lst.listen()
+    host, port = lst.getsockname()
+    assert host == "0.0.0.0" and port > 0
+    accepted: list[Any] = []
+    t = threading.Thread(target=lambda: accepted.append(lst.accept()))
+    t.start()
+    with client(host_a, port) as s:
+        t.join(TIMEOUT)
+        conn, addr = accepted[0]
+        assert addr[0] == host_a
+        assert s.getpeername() == (host_a, port)
+        assert conn.getsockname() == (host_a, port)
+        s.sendall(b"over a wildcard listener")
+        assert recv_exactly(conn, 24) == b"over a wildcard listener"
+        conn.close()
+    lst.close()
+
+
+def test_ipv6(host_a6: str, port: int) -> None:
+    lst = usdp.SdpSocket(stdsocket.AF_INET6)
+    assert lst.family == stdsocket.AF_INET6
+    lst.bind((host_a6, port))
+    lst.listen()
+    result: list[Any] = []
+
+    def serve() -> None:
+        conn, addr = lst.accept()
+        result.append(addr)
+        with conn:
+            echo(conn)
+
+    t = threading.Thread(target=serve)
+    t.start()
+    s = usdp.SdpSocket(stdsocket.AF_INET6)
+    s.settimeout(TIMEOUT)
+    s.connect((host_a6, port))
+    data = os.urandom(200_000)
+    sender = threading.Thread(target=s.sendall, args=(data,))
+    sender.start()
+    assert recv_exactly(s, len(data)) == data
+    sender.join(TIMEOUT)
+    assert s.getpeername()[:2] == (host_a6, port) and len(s.getpeername()) == 4
+    s.close()
+    t.join(TIMEOUT)
+    lst.close()
+    assert result and result[0][0] == host_a6
+
+
+def test_nonblocking_accept_and_listener_readiness(host_a: str, port: int) -> None:
+    lst = usdp.SdpSocket()
+    lst.bind((host_a, port))
+    lst.listen()
+    lst.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        lst.accept()
+    sel = selectors.DefaultSelector()
+    sel.register(lst.fileno(), selectors.EVENT_READ)
+    holder: list[usdp.SdpSocket] = []
+    t = threading.Thread(target=lambda: holder.append(client(host_a, port)))
+    t.start()
+    assert sel.select(TIMEOUT), "listener fd never became readable"
+    conn, _ = lst.accept()
+    t.join(TIMEOUT)
+    assert conn.gettimeout() is None  # accepted sockets are blocking, as in socket.socket
+    holder[0].sendall(b"hi")
+    assert recv_exactly(conn, 2) == b"hi"
+    conn.close()
+    holder[0].close()
+    sel.close()
+    lst.close()
+
+
+def test_so_rcvbuf_and_sndbuf_size_the_rings(host_a: str, port: int) -> None:
+    seen: dict[str, int] = {}
+
+    def record(conn: usdp.SdpSocket) -> None:
+        seen.update(conn.stats())
+        assert conn.recv(1) == b"x"
+
+    with server(host_a, port, record) as errors:
+        s = usdp.SdpSocket()
+        s.setsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_RCVBUF, 8 * 32768)
+        s.setsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_SNDBUF, 4 * 32768)
+        assert s.getsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_RCVBUF) == 8 * 32768
+        s.settimeout(TIMEOUT)
+        s.connect((host_a, port))
+        st = s.stats()
+        assert st["local_recv_bufs"] == 8
+        s.sendall(b"x")
+        s.close()
+    assert not errors, errors
+    assert seen["peer_recv_bufs"] == 8  # the server got 8 credits from our Hello
+
+
+def _settle(fut: Any) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def test_asyncio_add_reader_add_writer(host_a: str, port: int) -> None:
+    import asyncio
+
+    def send_later(conn: usdp.SdpSocket) -> None:
+        assert conn.recv(5) == b"hello"
+        conn.sendall(b"world")
+        assert conn.recv(1) == b""
+
+    async def main(s: usdp.SdpSocket) -> bytes:
+        loop = asyncio.get_running_loop()
+        writable: asyncio.Future[None] = loop.create_future()
+        loop.add_writer(s.fileno(), _settle, writable)
+        await asyncio.wait_for(writable, TIMEOUT)
+        loop.remove_writer(s.fileno())
+        s.send(b"hello")
+        readable: asyncio.Future[None] = loop.create_future()
+        loop.add_reader(s.fileno(), _settle, readable)
+        await asyncio.wait_for(readable, TIMEOUT)
+        loop.remove_reader(s.fileno())
+        return s.recv(5)
+
+    with server(host_a, port, send_later) as errors, client(host_a, port) as s:
+        s.setblocking(False)
+        assert asyncio.run(main(s)) == b"world"
+    assert not errors, errors

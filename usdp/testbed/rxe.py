@@ -39,6 +39,9 @@ RDMA_NLDEV_CMD_DELLINK = 4
 
 VETH_A, VETH_B, PEER_NS = "usdp0", "usdp1", "usdp-b"
 HOST_A_ADDR, HOST_B_ADDR, PREFIX = "198.18.0.1", "198.18.0.2", 24
+# IPv6 benchmarking range (RFC 5180), the counterpart of 198.18.0.0/15.
+HOST_A_ADDR6, HOST_B_ADDR6, PREFIX6 = "2001:2::1", "2001:2::2", 64
+IFA_F_NODAD = 0x02  # no duplicate address detection: the address is usable at once
 DEFAULT_RXE = "rxe0"
 
 
@@ -137,6 +140,14 @@ def native_rxe_possible() -> bool:
         if Path(f"/lib/modules/{release}").is_dir() else False
 
 
+def _add_addrs(ipr: Any, index: int, addr4: str, addr6: str) -> None:
+    """Both test addresses on an interface (already present is fine: re-run safe)."""
+    with contextlib.suppress(Exception):
+        ipr.addr("add", index=index, address=addr4, prefixlen=PREFIX)
+    with contextlib.suppress(Exception):
+        ipr.addr("add", index=index, address=addr6, prefixlen=PREFIX6, flags=IFA_F_NODAD)
+
+
 def up_veth(dev: str = DEFAULT_RXE) -> None:
     load_modules()
     with IPRoute() as ipr:
@@ -148,13 +159,11 @@ def up_veth(dev: str = DEFAULT_RXE) -> None:
         b = ipr.link_lookup(ifname=VETH_B)
         if b:
             ipr.link("set", index=b[0], net_ns_fd=PEER_NS)
-        with contextlib.suppress(Exception):
-            ipr.addr("add", index=a, address=HOST_A_ADDR, prefixlen=PREFIX)
+        _add_addrs(ipr, a, HOST_A_ADDR, HOST_A_ADDR6)
         ipr.link("set", index=a, state="up")
     with NetNS(PEER_NS) as ns:
         b_idx = ns.link_lookup(ifname=VETH_B)[0]
-        with contextlib.suppress(Exception):
-            ns.addr("add", index=b_idx, address=HOST_B_ADDR, prefixlen=PREFIX)
+        _add_addrs(ns, b_idx, HOST_B_ADDR, HOST_B_ADDR6)
         ns.link("set", index=b_idx, state="up")
         ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
     if dev not in rdma_devices():
@@ -168,8 +177,8 @@ def up_netdev(netdev: str, addr: str, dev: str = DEFAULT_RXE) -> None:
         idx = ipr.link_lookup(ifname=netdev)
         if not idx:
             raise OSError(errno.ENODEV, f"no network interface {netdev}")
-        with contextlib.suppress(Exception):
-            ipr.addr("add", index=idx[0], address=addr, prefixlen=PREFIX)
+        addr6 = HOST_A_ADDR6 if addr == HOST_A_ADDR else HOST_B_ADDR6
+        _add_addrs(ipr, idx[0], addr, addr6)
         ipr.link("set", index=idx[0], state="up")
         lo = ipr.link_lookup(ifname="lo")[0]
         ipr.link("set", index=lo, state="up")

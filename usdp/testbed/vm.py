@@ -428,6 +428,8 @@ def run(
     env = {
         "USDP_HOST_A": HOST_A_ADDR,
         "USDP_HOST_B": HOST_B_ADDR,
+        "USDP_HOST_A6": "2001:2::1",
+        "USDP_HOST_B6": "2001:2::2",
         "USDP_RXE_DEV": RXE_DEV,
         "USDP_HOSTS": str(hosts),
         "USDP_IN_VM": "1",
