@@ -127,6 +127,7 @@ class Endpoint:
         self.signal_every = max(1, min(signal_every, res.send_ring.count))
         self._unsignaled = 0
         self.peer_gone = False  # CM DISCONNECTED seen
+        self._cm_gone_pending = False  # ... and not yet handled by a drain
         self.closing = False
         self.closed = False
         self.readiness: Readiness | None = None
@@ -163,21 +164,24 @@ class Endpoint:
         ev = self.channel.get(0)
         self.stats.cm_events += 1
         if ev.type in _PEER_GONE_EVENTS:
-            with self.lock:
-                # Completions may still sit in the CQs: take them before judging.
-                self._drain(SEND | RECV)
-                self.peer_gone = True
-                if not self.closing and not self.conn.eof and self.conn.error is None \
-                        and not self._peer_closed():
-                    self.conn.fail(ConnectionReset(errno.ECONNRESET,
-                                                   "connection reset: peer disconnected"))
-                self.res.to_error()
-                self._update_readiness()
+            # The BH never sleeps behind a user call: record the event and go through the
+            # lock's BH path for both CQs. Whoever drains (now, or the owner's unlock)
+            # takes the completions still in the CQs first, then handles the disconnect.
+            self._cm_gone_pending = True
+            self.lock.bh_handle(SEND | RECV, timeout=5.0)
         else:
             log.debug("qp%d: CM event %s ignored", self.res.qp_num, ev.name)
 
-    def _peer_closed(self) -> bool:
-        return self.conn.state in (State.RD_CLOSED, State.CLOSED)
+    def _handle_peer_gone(self) -> None:
+        """The peer disconnected (owner only, after both CQs were drained)."""
+        self._cm_gone_pending = False
+        self.peer_gone = True
+        peer_closed = self.conn.state in (State.RD_CLOSED, State.CLOSED)
+        if not self.closing and not self.conn.eof and self.conn.error is None \
+                and not peer_closed:
+            self.conn.fail(ConnectionReset(errno.ECONNRESET,
+                                           "connection reset: peer disconnected"))
+        self.res.to_error()
 
     # ------------------------------------------------------------------ draining
 
@@ -189,6 +193,8 @@ class Endpoint:
             self._drain_cq(self.res.recv_cq, self._on_recv_wc)
         if flags & SEND:
             self._drain_cq(self.res.send_cq, self._on_send_wc)
+        if self._cm_gone_pending:
+            self._handle_peer_gone()
         self._send_control()
         self._update_readiness()
 

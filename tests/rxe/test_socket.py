@@ -297,9 +297,14 @@ def _stream(host: str, port: int, defer: bool, messages: int, size: int) -> dict
             s.sendall(msg)
         sender = s.stats()
     assert not errors, errors
-    return {"sender_events": sender["channel_events"], "receiver_events":
-            sink_stats["channel_events"], "deferred": sender["drains_deferred"]
-            + sink_stats["drains_deferred"], "frames": sender["frames_out"]}
+    both = [sender, sink_stats]
+    return {"sender_events": sender["channel_events"],
+            "receiver_events": sink_stats["channel_events"],
+            "deferred": sum(s["drains_deferred"] for s in both),
+            "bh_waits": sum(s["bh_waits"] for s in both),
+            "completions": sum(s["completions"] for s in both),
+            "drains": sum(s["drains_bh"] + s["drains_unlock"] for s in both),
+            "frames": sender["frames_out"]}
 
 
 def test_lock_deferral_counts_events(host_a: str, port: int) -> None:
@@ -310,9 +315,11 @@ def test_lock_deferral_counts_events(host_a: str, port: int) -> None:
     off = _stream(host_a, port + 1, False, n, size)
     for name, r in (("deferral on ", on), ("deferral off", off)):
         per1000 = 1000 * (r["sender_events"] + r["receiver_events"]) / r["frames"]
-        print(f"\n{name}: {per1000:.0f} completion-channel events per 1000 messages "
-              f"({r['deferred']} deferred)")
+        print(f"\n{name}: {per1000:.0f} completion-channel events per 1000 messages, "
+              f"{r['deferred']} deferred, BH slept behind a user call {r['bh_waits']} times, "
+              f"{r['completions'] / max(1, r['drains']):.1f} completions per drain")
     assert off["deferred"] == 0
+    assert on["bh_waits"] == 0  # with deferral the completion thread never sleeps
     assert on["frames"] >= n and off["frames"] >= n
 
 
