@@ -16,13 +16,12 @@ class Options:
     """Tunables of one socket; ``SO_RCVBUF``/``SO_SNDBUF`` map onto the rings.
 
     Attributes:
-        recv_bufs: receive slots posted = credits granted to the peer. 32 (SDP used 64 of
-            4 KiB; rsockets a 384-deep queue): with 32 KiB slots that is a 1 MiB window,
-            enough to keep rxe busy while bounding memory per connection (measure:
-            scripts/bench sweeps it).
-        recv_buf_size: bytes per receive slot, header included. 32 KiB (later SDP's
-            default): big enough that per-message Python overhead is amortised, small
-            enough that a 1-byte send does not pin much.
+        recv_bufs: receive slots posted = credits granted to the peer.
+        recv_buf_size: bytes per receive slot, header included. 16 x 64 KiB (a 1 MiB
+            window) was measured by ``scripts/sweep_buffers.py`` at 0.98 of the best shape
+            tried (32 x 64 KiB, 2 MiB window) for 2/3 of its memory; 32 KiB slots reached
+            0.69-0.90 and 8-16 KiB slots 0.27-0.63: per-frame Python cost dominates, so
+            bigger frames win until the window stops mattering. See docs/protocol.md.
         send_bufs: registered send slots; a send is copied into one and posted.
         defer: the seed's deferral: a CQ event that arrives while a user call owns the
             connection only sets a pending flag (``USDP_DEFER=0`` turns it off, to measure).
@@ -33,8 +32,8 @@ class Options:
             is set.
     """
 
-    recv_bufs: int = 32
-    recv_buf_size: int = 32 * 1024
+    recv_bufs: int = 16
+    recv_buf_size: int = 64 * 1024
     send_bufs: int = 16
     defer: bool = True
     signal_every: int = 8

@@ -443,9 +443,11 @@ def test_so_rcvbuf_and_sndbuf_size_the_rings(host_a: str, port: int) -> None:
 
     with server(host_a, port, record) as errors:
         s = usdp.SdpSocket()
-        s.setsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_RCVBUF, 8 * 32768)
-        s.setsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_SNDBUF, 4 * 32768)
-        assert s.getsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_RCVBUF) == 8 * 32768
+        slot = usdp.Options().recv_buf_size
+        s.setsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_RCVBUF, 8 * slot)
+        s.setsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_SNDBUF, 4 * slot)
+        assert s.getsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_RCVBUF) == 8 * slot
+        assert s.getsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_SNDBUF) == 4 * slot
         s.settimeout(TIMEOUT)
         s.connect((host_a, port))
         st = s.stats()
