@@ -175,7 +175,10 @@ def resolve(cmid: CMID, channel: Channel, dst: tuple[str, int], src: str | None,
     """Resolve address and route for an active id (ADDR_RESOLVED, ROUTE_RESOLVED)."""
     ai = cm_call("rdma_getaddrinfo", AddrInfo, src, dst[0], None, str(dst[1]), ce.RDMA_PS_TCP)
     ms = 2000 if deadline is None else max(1, int(min(2.0, deadline - time.monotonic()) * 1000))
-    cm_call("rdma_resolve_addr", cmid.resolve_addr, ai, ms)
+    try:
+        cm_call("rdma_resolve_addr", cmid.resolve_addr, ai, ms)
+    finally:
+        ai.close()  # rdma_freeaddrinfo now: pyverbs 44 objects may not free on GC
     expect(channel, ce.RDMA_CM_EVENT_ADDR_RESOLVED, deadline, f"resolving {dst[0]}")
     cm_call("rdma_resolve_route", cmid.resolve_route, ms)
     expect(channel, ce.RDMA_CM_EVENT_ROUTE_RESOLVED, deadline, f"route to {dst[0]}")
@@ -219,5 +222,8 @@ def bind_listen(cmid: CMID, addr: SockAddr, backlog: int, family: int) -> None:
         return
     ai = cm_call("rdma_getaddrinfo", AddrInfo, host, None, str(addr[1]), None,
                   ce.RDMA_PS_TCP, ce.RAI_PASSIVE)
-    cm_call(f"rdma_bind_addr {host}:{addr[1]}", cmid.bind_addr, ai)
+    try:
+        cm_call(f"rdma_bind_addr {host}:{addr[1]}", cmid.bind_addr, ai)
+    finally:
+        ai.close()
     cm_call("rdma_listen", cmid.listen, backlog)
