@@ -16,6 +16,8 @@ class Options:
     """Tunables of one socket; ``SO_RCVBUF``/``SO_SNDBUF`` map onto the rings.
 
     Attributes:
+        zcopy_threshold: sends of at least this many bytes go zero-copy (SrcAvail + the
+            peer's RDMA read) once implemented; 0 turns zero-copy off.
         recv_bufs: receive slots posted = credits granted to the peer.
         recv_buf_size: bytes per receive slot, header included. 16 x 64 KiB (a 1 MiB
             window) was measured by ``scripts/sweep_buffers.py`` at 0.98 of the best shape
@@ -32,6 +34,7 @@ class Options:
             is set.
     """
 
+    zcopy_threshold: int = 0
     recv_bufs: int = 16
     recv_buf_size: int = 64 * 1024
     send_bufs: int = 16
