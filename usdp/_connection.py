@@ -96,9 +96,23 @@ from usdp._errors import (
     UsdpError,
     WouldBlock,
 )
-from usdp._wire import HEADER_SIZE, NO_SEQ, Buffer, Flags, Header, Mid, Params, decode_header
+from usdp._wire import (
+    HEADER_SIZE,
+    NO_SEQ,
+    Buffer,
+    Flags,
+    Header,
+    Mid,
+    Params,
+    RdmaCompl,
+    SrcAvail,
+    decode_header,
+    decode_rdma_compl,
+    decode_src_avail,
+)
 
 __all__ = [
+    "MAX_ZCOPY",
     "Chunk",
     "Connection",
     "CreditsReturned",
@@ -106,8 +120,10 @@ __all__ = [
     "Event",
     "PeerAborted",
     "PeerClosed",
+    "RemoteChunk",
     "State",
     "Stats",
+    "ZcopyDone",
 ]
 
 _U32: Final = 0xFFFF_FFFF
@@ -127,8 +143,14 @@ _ZCOPY: Final = frozenset(
         Mid.SINK_CANCEL_ACK,
     }
 )
-# What a peer may still send after its DISCONN: it keeps reading, so it returns credits.
-_AFTER_DISCONN: Final = frozenset({Mid.CREDIT_UPDATE, Mid.KEEPALIVE, Mid.ABORT})
+# The zero-copy messages implemented, when both sides offered Features.ZCOPY.
+_ZCOPY_SUPPORTED: Final = frozenset({Mid.SRC_AVAIL, Mid.RDMA_RD_COMPL})
+#: Largest transfer one SrcAvail may advertise (a bound on what a peer can make us read).
+MAX_ZCOPY: Final = 1 << 30
+# What a peer may still send after its DISCONN: it keeps reading, so it returns credits
+# and finishes zero-copy reads of our data.
+_AFTER_DISCONN: Final = frozenset({Mid.CREDIT_UPDATE, Mid.KEEPALIVE, Mid.ABORT,
+                                   Mid.RDMA_RD_COMPL})
 # Frames allowed to spend the sender's last credit (rule 1; ABORT is best effort).
 _LAST_CREDIT_OK: Final = frozenset({Mid.CREDIT_UPDATE, Mid.ABORT})
 
@@ -173,7 +195,14 @@ class CreditsReturned:
     n: int
 
 
-Event = DataReceived | PeerClosed | PeerAborted | CreditsReturned
+@dataclass(frozen=True, slots=True)
+class ZcopyDone:
+    """The peer finished RDMA-reading our advertised buffer: it may be reused."""
+
+    length: int
+
+
+Event = DataReceived | PeerClosed | PeerAborted | CreditsReturned | ZcopyDone
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +217,21 @@ class Chunk:
     offset: int
     length: int
     frees_slot: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteChunk:
+    """``length`` bytes to RDMA-read from the peer's ``vaddr`` with ``rkey``.
+
+    Call :meth:`Connection.remote_read_done` once the read completed; if ``completes`` is
+    nonzero the read finishes that SrcAvail, and only then may RdmaRdCompl (the peer's
+    permission to reuse its buffer) go out.
+    """
+
+    rkey: int
+    vaddr: int
+    length: int
+    completes: int
 
 
 @dataclass(slots=True)
@@ -211,6 +255,17 @@ class _Segment:
     def __init__(self, slot: int, offset: int, length: int) -> None:
         self.slot = slot
         self.offset = offset
+        self.length = length
+
+
+class _Remote:
+    """An advertised, not yet fully read SrcAvail; offset/length advance as it is read."""
+
+    __slots__ = ("length", "offset", "rkey", "total", "vaddr")
+
+    def __init__(self, rkey: int, vaddr: int, length: int) -> None:
+        self.rkey, self.vaddr, self.total = rkey, vaddr, length
+        self.offset = 0
         self.length = length
 
 
@@ -243,7 +298,7 @@ class Connection:
         self._peer_credits = params.local_recv_bufs  # our view of the peer's credits
         self._threshold = max(1, params.local_recv_bufs // 2)
         self._slots = bytearray(params.local_recv_bufs)  # _POSTED/_HELD/_FREE per slot
-        self._segments: deque[_Segment] = deque()
+        self._segments: deque[_Segment | _Remote] = deque()
         self._readable = 0
         self._free: list[int] = []
         self._reposting = 0  # slots handed out by take_free_slots, not yet recv_reposted
@@ -255,6 +310,10 @@ class Connection:
         self._abort_sent = False
         self._error: UsdpError | None = None
         self._terminal: State | None = None
+        # Zero-copy.
+        self._zc_outstanding: int | None = None  # our SrcAvail's length, until RdmaRdCompl
+        self._remote_unanswered = False  # a peer SrcAvail not yet answered by RdmaRdCompl
+        self._rdcompl_ready: deque[int] = deque()  # fully read, RdmaRdCompl may go out
 
     # ------------------------------------------------------------------ state
 
@@ -352,8 +411,9 @@ class Connection:
         mid = h.mid
         if h.mseq != self._rx_seq:
             raise _proto(f"{mid.name} has mseq {h.mseq}, expected {self._rx_seq}")
-        if mid in _ZCOPY:
+        if mid in _ZCOPY and not (self.params.zcopy and mid in _ZCOPY_SUPPORTED):
             raise _proto(f"{mid.name} but zero-copy was not negotiated")
+        src_avail = self._check_zcopy(mid, h, frame)
         # Credits the peer spent on this frame.
         if self._peer_credits < 1:
             raise _proto(f"{mid.name} sent without a credit")
@@ -405,6 +465,15 @@ class Connection:
             events.append(DataReceived(n))
             return events
         self._release(slot)
+        if src_avail is not None:
+            self._segments.append(_Remote(src_avail.rkey, src_avail.vaddr, src_avail.length))
+            self._remote_unanswered = True
+            self._readable += src_avail.length
+            self.stats.bytes_in += src_avail.length
+            events.append(DataReceived(src_avail.length))
+        elif mid is Mid.RDMA_RD_COMPL:
+            events.append(ZcopyDone(self._zc_outstanding or 0))
+            self._zc_outstanding = None
         if mid is Mid.DISCONN:
             self._rd_closed = True
             events.append(PeerClosed())
@@ -415,13 +484,35 @@ class Connection:
             events.append(PeerAborted())
         return events
 
+    def _check_zcopy(self, mid: Mid, h: Header, frame: Buffer) -> SrcAvail | None:
+        """Validate a SrcAvail or RdmaRdCompl before anything is committed."""
+        if mid is Mid.SRC_AVAIL:
+            if h.length != HEADER_SIZE + SrcAvail.SIZE:
+                raise _proto("SrcAvail with inline data is not supported")
+            sa = decode_src_avail(memoryview(frame)[HEADER_SIZE : h.length])
+            if sa.length > MAX_ZCOPY:
+                raise _proto(f"SrcAvail of {sa.length} bytes exceeds {MAX_ZCOPY}")
+            if self._remote_unanswered:
+                raise _proto("SrcAvail while the previous one is unanswered")
+            return sa
+        if mid is Mid.RDMA_RD_COMPL:
+            rc = decode_rdma_compl(memoryview(frame)[HEADER_SIZE : h.length])
+            if self._zc_outstanding is None:
+                raise _proto("RdmaRdCompl without an outstanding SrcAvail")
+            if rc.length != self._zc_outstanding:
+                raise _proto(f"RdmaRdCompl for {rc.length} bytes, advertised "
+                             f"{self._zc_outstanding}")
+        return None
+
     def _release(self, slot: int) -> None:
         self._slots[slot] = _FREE
         self._free.append(slot)
 
     def _drop_queue(self) -> None:
         while self._segments:
-            self._release(self._segments.popleft().slot)
+            seg = self._segments.popleft()
+            if isinstance(seg, _Segment):
+                self._release(seg.slot)
         self._readable = 0
 
     def consume(self, n: int) -> list[Chunk]:
@@ -442,6 +533,8 @@ class Connection:
         segments = self._segments
         while n > 0 and segments:
             seg = segments[0]
+            if isinstance(seg, _Remote):
+                break  # zero-copy bytes come through consume_remote()
             if n >= seg.length:
                 segments.popleft()
                 chunks.append(Chunk(seg.slot, seg.offset, seg.length, True))
@@ -455,6 +548,66 @@ class Connection:
                 self._readable -= n
                 n = 0
         return chunks
+
+    @property
+    def head_is_remote(self) -> bool:
+        """The next unread bytes are in the peer's memory (a SrcAvail): use consume_remote."""
+        return bool(self._segments) and isinstance(self._segments[0], _Remote)
+
+    def consume_remote(self, n: int) -> RemoteChunk | None:
+        """Take up to ``n`` bytes of the SrcAvail at the head of the stream, to RDMA-read.
+
+        Returns None if the head is not a SrcAvail. The bytes count as read now; the I/O
+        layer must read them before handing out later bytes, and report the read with
+        :meth:`remote_read_done`.
+        """
+        self._raise_if_failed()
+        if n <= 0 or not self.head_is_remote:
+            return None
+        seg = self._segments[0]
+        assert isinstance(seg, _Remote)
+        take = min(n, seg.length)
+        chunk = RemoteChunk(seg.rkey, seg.vaddr + seg.offset, take,
+                            seg.total if take == seg.length else 0)
+        seg.offset += take
+        seg.length -= take
+        self._readable -= take
+        if seg.length == 0:
+            self._segments.popleft()
+        return chunk
+
+    def remote_read_done(self, chunk: RemoteChunk) -> None:
+        """The RDMA read of ``chunk`` completed; a finished SrcAvail may now be answered."""
+        if chunk.completes:
+            self._rdcompl_ready.append(chunk.completes)
+
+    @property
+    def zcopy_outstanding(self) -> bool:
+        """Our SrcAvail has not been answered yet (the buffer is still the peer's to read)."""
+        return self._zc_outstanding is not None
+
+    def src_avail_frame(self, length: int, rkey: int, vaddr: int) -> tuple[Header, bytes]:
+        """Advertise ``length`` bytes at ``vaddr`` for the peer to RDMA-read.
+
+        One at a time: wait for :class:`ZcopyDone` (``zcopy_outstanding`` false) first.
+
+        Raises:
+            UsdpError: the latched error. BrokenPipe: write side shut down.
+            WouldBlock: no credits. ValueError: zero-copy not negotiated, one outstanding,
+            or a length out of 1..MAX_ZCOPY.
+        """
+        self._raise_if_failed()
+        if self._wr_shut:
+            raise BrokenPipe(errno.EPIPE, "write side already shut down")
+        if not self.params.zcopy or self._zc_outstanding is not None:
+            raise ValueError("zero-copy not negotiated, or a SrcAvail is outstanding")
+        if not 1 <= length <= MAX_ZCOPY:
+            raise ValueError(f"SrcAvail of {length} bytes, allowed 1..{MAX_ZCOPY}")
+        if not self._nonupdate_ok():
+            raise WouldBlock(errno.EAGAIN, "no send credits")
+        self._zc_outstanding = length
+        self.stats.bytes_out += length
+        return self._issue(Mid.SRC_AVAIL, SrcAvail.SIZE), SrcAvail(length, rkey, vaddr).encode()
 
     def take_free_slots(self) -> list[int]:
         """Slots to re-post now: consumed DATA slots and slots of all other frames.
@@ -555,10 +708,28 @@ class Connection:
 
         Call it after every event that can change credits: after :meth:`on_frame`,
         :meth:`recv_reposted` and sending data. Keep calling until it returns None.
-        Returns None once an error is latched.
+        Returns None once an error is latched. (With zero-copy, use
+        :meth:`next_control_frame`, which also gives RdmaRdCompl and its payload.)
         """
+        frame = self.next_control_frame()
+        if frame is None:
+            return None
+        assert not frame[1], "a control frame with payload: use next_control_frame()"
+        return frame[0]
+
+    def next_control_frame(self) -> tuple[Header, bytes] | None:
+        """The next control frame and its payload: RdmaRdCompl, DISCONN, credit update."""
         if self._error is not None:
             return None
+        if self._rdcompl_ready and self._nonupdate_ok():
+            length = self._rdcompl_ready.popleft()
+            if not self._segments or not isinstance(self._segments[0], _Remote):
+                self._remote_unanswered = False
+            return self._issue(Mid.RDMA_RD_COMPL, RdmaCompl.SIZE), RdmaCompl(length).encode()
+        h = self._next_plain_control()
+        return None if h is None else (h, b"")
+
+    def _next_plain_control(self) -> Header | None:
         if self._disconn_pending and self._nonupdate_ok():
             self._disconn_pending = False
             self._disconn_sent = True

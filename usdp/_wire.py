@@ -65,6 +65,7 @@ __all__ = [
     "REJECT_HEADER_SIZE",
     "SUPPORTED_FLAGS",
     "Buffer",
+    "Features",
     "Flags",
     "HandshakeKind",
     "Header",
@@ -104,7 +105,19 @@ _U16: Final = 0xFFFF
 NO_SEQ: Final = _U32
 
 _HELLO = struct.Struct(">4sBBHII")
-HELLO_SIZE: Final = _HELLO.size  # 16
+HELLO_SIZE: Final = _HELLO.size  # 16: the minimum a Hello has
+# Appended after the 16 bytes (decoders ignore what they do not know, so a peer that sends
+# only 16 bytes, or the CM's zero padding, simply means "no features").
+_FEATURES = struct.Struct(">I")
+
+
+class Features(IntFlag):
+    """Optional capabilities offered in a Hello; used only when both sides offer them."""
+
+    ZCOPY = 1  # SrcAvail / RDMA read / RdmaRdCompl
+
+
+NO_FEATURES: Final = Features(0)
 _REJECT = struct.Struct(">4sBBH")
 REJECT_HEADER_SIZE: Final = _REJECT.size  # 8
 #: Reject text is informational; 8 + 40 bytes stays well inside any private-data limit.
@@ -423,6 +436,7 @@ class Hello:
     recv_bufs: int
     recv_buf_size: int
     max_msg: int
+    features: Features = NO_FEATURES
 
     def __post_init__(self) -> None:
         if self.kind not in (HandshakeKind.HELLO, HandshakeKind.HELLO_ACK):
@@ -432,10 +446,10 @@ class Hello:
             raise ValueError(problem)
 
     def encode(self) -> bytes:
-        """The 16 bytes to put in CM private data (fits the 56-byte connect limit)."""
+        """The 20 bytes to put in CM private data (fits the 56-byte connect limit)."""
         return _HELLO.pack(
             MAGIC, PROTOCOL_VERSION, self.kind, self.recv_bufs, self.recv_buf_size, self.max_msg
-        )
+        ) + _FEATURES.pack(int(self.features))
 
 
 def _handshake_error(msg: str, reason: RejectReason) -> HandshakeError:
@@ -474,7 +488,12 @@ def decode_hello(data: Buffer, *, expect_kind: HandshakeKind) -> Hello:
     problem = _hello_problem(recv_bufs, recv_buf_size, max_msg)
     if problem is not None:
         raise _handshake_error(f"{what}: {problem}", RejectReason.BAD_PARAMS)
-    return Hello(expect_kind, recv_bufs, recv_buf_size, max_msg)
+    features = Features(0)
+    if len(data) >= HELLO_SIZE + _FEATURES.size:
+        # Unknown bits are a newer peer's offers: ignore them.
+        (raw,) = _FEATURES.unpack_from(data, HELLO_SIZE)
+        features = Features(raw & int(Features.ZCOPY))
+    return Hello(expect_kind, recv_bufs, recv_buf_size, max_msg, features)
 
 
 @dataclass(frozen=True)
@@ -570,6 +589,7 @@ class Params:
     peer_buf_size: int
     max_payload: int
     max_recv_frame: int
+    zcopy: bool = False
 
     def __post_init__(self) -> None:
         for name in ("local_recv_bufs", "peer_recv_bufs"):
@@ -603,4 +623,5 @@ def negotiate(local: Hello, peer: Hello) -> Params:
         peer_buf_size=peer.recv_buf_size,
         max_payload=largest - HEADER_SIZE,
         max_recv_frame=min(local.recv_buf_size, peer.max_msg),
+        zcopy=bool(local.features & peer.features & Features.ZCOPY),
     )

@@ -22,6 +22,7 @@ from usdp._wire import (
     MIN_RECV_BUFS,
     NO_SEQ,
     PROTOCOL_VERSION,
+    Features,
     Flags,
     HandshakeKind,
     Header,
@@ -250,9 +251,27 @@ def hello(kind: HandshakeKind = HandshakeKind.HELLO, bufs: int = 64, size: int =
 
 
 def test_hello_layout_and_size() -> None:
-    data = Hello(HandshakeKind.HELLO_ACK, 64, 32768, 65536).encode()
-    assert data == b"USDP" + bytes([PROTOCOL_VERSION, 1]) + struct.pack(">HII", 64, 32768, 65536)
-    assert len(data) == HELLO_SIZE == 16 <= MAX_CONNECT_PRIVATE_DATA
+    data = Hello(HandshakeKind.HELLO_ACK, 64, 32768, 65536, Features.ZCOPY).encode()
+    assert data == (b"USDP" + bytes([PROTOCOL_VERSION, 1])
+                    + struct.pack(">HIII", 64, 32768, 65536, 1))
+    assert HELLO_SIZE == 16
+    assert len(data) == 20 <= MAX_CONNECT_PRIVATE_DATA
+
+
+def test_hello_without_features_field_offers_none() -> None:
+    full = Hello(HandshakeKind.HELLO, 64, 32768, 65536, Features.ZCOPY).encode()
+    old = decode_hello(full[:HELLO_SIZE], expect_kind=HandshakeKind.HELLO)
+    assert old.features == Features(0)
+    assert decode_hello(full, expect_kind=HandshakeKind.HELLO).features == Features.ZCOPY
+    unknown = full[:HELLO_SIZE] + struct.pack(">I", 0xFFFF_FFFE)  # a newer peer's bits
+    assert decode_hello(unknown, expect_kind=HandshakeKind.HELLO).features == Features(0)
+
+
+def test_zcopy_negotiated_only_when_both_offer() -> None:
+    a = Hello(HandshakeKind.HELLO, 16, 65536, 65536, Features.ZCOPY)
+    b = Hello(HandshakeKind.HELLO_ACK, 16, 65536, 65536)
+    assert not negotiate(a, b).zcopy
+    assert negotiate(a, Hello(HandshakeKind.HELLO_ACK, 16, 65536, 65536, Features.ZCOPY)).zcopy
 
 
 def test_hello_decodes_with_cm_padding() -> None:
