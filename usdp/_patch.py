@@ -1,0 +1,539 @@
+"""``usdp.patch()``: unmodified socket programs get RDMA where the rules say so.
+
+What libsdp did with ``LD_PRELOAD``, done to Python's ``socket`` module: ``socket.socket``
+becomes :class:`HybridSocket`. Because ``socket.create_connection``,
+``socket.create_server`` and ``socket.socket.accept`` look the class up in the module's
+globals at call time, they, and everything built on them (socketserver, http.server,
+http.client, urllib, asyncio's selector loop), go through it without further patching.
+
+A :class:`HybridSocket` *is* a kernel TCP socket (a subclass of ``socket.socket``): when
+the rules say TCP, every call is the stdlib's own and nothing is lost. The transport is
+decided per operation, from the rules (``usdp._rules``):
+
+* ``connect(addr)``: the client rule for (program, address, port). ``sdp`` connects an
+  :class:`~usdp.SdpSocket` and delegates the data path to it; ``both`` tries that first,
+  bounded by the rules' ``rdma-timeout``, and on any failure (no device, no route,
+  refused, not usdp, timeout) connects the kernel socket instead.
+* ``listen()``: the server rule for the bound address. ``sdp`` listens on RDMA only, ``both``
+  on RDMA and TCP at once: ``fileno()`` is then an epoll fd holding both listeners (one fd
+  that is readable when either is, so ``selectors``-based servers need no change) and
+  ``accept()`` takes whichever connection is ready first.
+
+Options set before the decision (timeouts, ``setsockopt``) are applied to the kernel socket
+at once, as usual, and replayed on the SdpSocket when one is made. Accepted RDMA
+connections are plain :class:`~usdp.SdpSocket` objects. Every connection logs, on the
+``usdp`` logger at INFO, which transport it got and which rule decided it.
+
+Not done: a non-blocking ``connect`` that chooses RDMA completes the RDMA handshake before
+returning (bounded by the timeout), instead of raising ``BlockingIOError`` first.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import os
+import select
+import socket as _socketmod
+import sys
+import threading
+import time
+from typing import Any, Literal
+
+from usdp import _rules
+from usdp._config import Options
+from usdp._socket import SdpSocket
+
+log = logging.getLogger("usdp")
+
+_RealSocket = _socketmod.socket
+#: The family number the SDP kernel module used (also ``usdp.AF_INET_SDP``): a socket made
+#: with it while patched always uses RDMA, whatever the rules say.
+AF_INET_SDP = 27
+_INET = (_socketmod.AF_INET, _socketmod.AF_INET6)
+_TYPE_FLAGS = getattr(_socketmod, "SOCK_NONBLOCK", 0) | getattr(_socketmod, "SOCK_CLOEXEC", 0)
+
+Transport = Literal["rdma", "tcp"]
+
+
+class _State:
+    """What ``patch()`` set up; one per process, like the patch itself."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.patched = False
+        self.rules = _rules.Rules()
+        self.program = "python"
+        self.options: Options | None = None
+
+
+_state = _State()
+
+
+class _Pending:
+    """A non-blocking connect whose RDMA setup runs in a thread."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.err = 0  # the SO_ERROR to report, once done
+        self.kernel = False  # fell back: the kernel socket's own connect is under way
+
+
+def _program_name() -> str:
+    argv0 = sys.argv[0] if sys.argv and sys.argv[0] else "python"
+    return os.path.basename(argv0)
+
+
+def _hybrid_wanted(family: int, type: int, fileno: Any) -> bool:
+    if fileno is not None:
+        return False  # accept(), dup(), socketpair(), fromfd(): a kernel socket exists
+    if family not in (-1, AF_INET_SDP, *_INET):
+        return False
+    return type == -1 or (type & ~_TYPE_FLAGS) == _socketmod.SOCK_STREAM
+
+
+class _Meta(type):
+    """Keeps ``isinstance(s, socket.socket)`` true, while patched, for kernel sockets made
+    before the patch or by ``accept()`` (which are not HybridSockets)."""
+
+    def __instancecheck__(cls, obj: Any) -> bool:
+        if cls is HybridSocket and isinstance(obj, _RealSocket):
+            return True
+        return type.__instancecheck__(cls, obj)
+
+    def __subclasscheck__(cls, sub: Any) -> bool:
+        if cls is HybridSocket and isinstance(sub, type) and issubclass(sub, _RealSocket):
+            return True
+        return type.__subclasscheck__(cls, sub)
+
+
+def _is_hybrid(obj: Any) -> bool:
+    return type.__instancecheck__(HybridSocket, obj)
+
+
+class HybridSocket(_RealSocket, metaclass=_Meta):
+    """``socket.socket`` while patched: a kernel socket that turns into RDMA by the rules."""
+
+    # Class-level defaults, so a subclass built without our __init__ stays plain TCP.
+    _usdp_sdp: SdpSocket | None = None  # the RDMA connection or listener
+    _usdp_listen: _rules.Use | None = None  # what listen() set up
+    _usdp_poll: select.epoll | None = None  # both listeners, for fileno() when "both"
+    _usdp_timeout: float | None = None  # the user's timeout, while the kernel fd is ours
+    _usdp_forced: _rules.Use | None = None
+    _usdp_transport: Transport | None = None
+    _usdp_pending: _Pending | None = None
+    _usdp_opts: tuple[tuple[Any, ...], ...] = ()  # setsockopt calls, to replay
+
+    def __new__(cls, family: int = -1, type: int = -1, proto: int = -1,
+                fileno: Any = None) -> Any:
+        if cls is HybridSocket and not _hybrid_wanted(family, type, fileno):
+            return _RealSocket(family, type, proto, fileno)  # untouched, and not ours
+        return super().__new__(cls)
+
+    def __init__(self, family: int = -1, type: int = -1, proto: int = -1,
+                 fileno: Any = None) -> None:
+        if family == AF_INET_SDP:
+            family, self._usdp_forced = _socketmod.AF_INET, "sdp"
+        super().__init__(family, type, proto, fileno)
+
+    def __repr__(self) -> str:
+        base = super().__repr__()
+        what = self._usdp_transport or (f"listen:{self._usdp_listen}"
+                                        if self._usdp_listen else "undecided")
+        return f"{base[:-1]}, usdp={what}>"
+
+    # ------------------------------------------------------------------ helpers
+
+    def _conn(self) -> SdpSocket | None:
+        """The RDMA connection, if this socket connected over RDMA."""
+        return self._usdp_sdp if self._usdp_transport == "rdma" else None
+
+    def _rdma_listening(self) -> bool:
+        return self._usdp_listen in ("sdp", "both")
+
+    def _new_sdp(self) -> SdpSocket:
+        s = SdpSocket(self.family, options=_state.options)
+        for args in self._usdp_opts:
+            s.setsockopt(*args)
+        return s
+
+    def _decide(self, role: _rules.Role, host: str, port: int) -> _rules.Decision:
+        if self._usdp_forced is not None:
+            return _rules.Decision(self._usdp_forced, "AF_INET_SDP")
+        return _state.rules.decide(role, _state.program, host, port)
+
+    def _numeric(self, address: Any) -> tuple[str, int]:
+        host, port = address[0], int(address[1])
+        try:
+            _socketmod.inet_pton(self.family, host)
+            return host, port
+        except (OSError, TypeError):
+            pass
+        info = _socketmod.getaddrinfo(host, port, self.family, _socketmod.SOCK_STREAM)
+        return str(info[0][4][0]), port
+
+    # ------------------------------------------------------------------ client side
+
+    def connect(self, address: Any) -> None:
+        """Connect by the client rule; ``both`` falls back to TCP when RDMA fails.
+
+        Non-blocking (asyncio's ``sock_connect``): RDMA setup runs in a thread and this
+        raises ``BlockingIOError`` (EINPROGRESS) like a kernel socket; ``getsockopt(SO_ERROR)``
+        then reports the outcome once it is known (see there).
+        """
+        p = self._usdp_pending
+        if p is not None:
+            if not p.done.is_set():
+                raise BlockingIOError(errno.EALREADY, "Operation already in progress")
+            if not p.kernel:
+                code = p.err or errno.EISCONN
+                raise OSError(code, os.strerror(code))
+        if self._usdp_transport is not None or self._usdp_listen is not None:
+            super().connect(address)  # the kernel's EISCONN/EINVAL, as usual
+            return
+        host, port = self._numeric(address)
+        d = self._decide("client", host, port)
+        if d.use != "tcp" and self.gettimeout() == 0.0:
+            self._usdp_pending = p = _Pending()
+            threading.Thread(target=self._connect_in_background, name="usdp-connect",
+                             args=(p, address, host, port, d), daemon=True).start()
+            raise BlockingIOError(errno.EINPROGRESS, "Operation now in progress")
+        if d.use != "tcp" and self._connect_rdma(host, port, d):
+            return
+        self._connect_tcp(address, host, port, d)
+
+    def _connect_rdma(self, host: str, port: int, d: _rules.Decision) -> bool:
+        """True if connected over RDMA; False to fall back (``both``); raises (``sdp``)."""
+        user_timeout = self.gettimeout()
+        s = self._new_sdp()
+        budget = user_timeout if d.use == "sdp" else _state.rules.rdma_timeout
+        if user_timeout and budget:
+            budget = min(budget, user_timeout)
+        try:
+            s.settimeout(budget or None)
+            s.connect((host, port))
+            s.settimeout(user_timeout)
+        except OSError as exc:
+            s.close()
+            if d.use == "sdp":
+                raise
+            log.info("%s -> %s:%d: rdma failed (%s: %s), falling back to tcp [%s]",
+                     _state.program, host, port, type(exc).__name__, exc, d.where)
+            return False
+        self._usdp_sdp, self._usdp_transport = s, "rdma"
+        log.info("%s -> %s:%d over rdma [%s]", _state.program, host, port, d.where)
+        return True
+
+    def _connect_tcp(self, address: Any, host: str, port: int, d: _rules.Decision) -> None:
+        self._usdp_transport = "tcp"
+        log.info("%s -> %s:%d over tcp [%s]", _state.program, host, port, d.where)
+        super().connect(address)
+
+    def _connect_in_background(self, p: _Pending, address: Any, host: str, port: int,
+                               d: _rules.Decision) -> None:
+        try:
+            if not self._connect_rdma(host, port, d):
+                try:
+                    self._connect_tcp(address, host, port, d)
+                except BlockingIOError:
+                    pass
+                p.kernel = True  # under way: from here on the kernel socket reports
+        except OSError as exc:
+            p.err = exc.errno or errno.EIO
+        except BaseException:  # pragma: no cover - never leave the caller waiting
+            p.err = errno.EIO
+            raise
+        finally:
+            p.done.set()
+
+    def connect_ex(self, address: Any) -> int:
+        try:
+            self.connect(address)
+        except _socketmod.gaierror:
+            raise
+        except OSError as exc:
+            return exc.errno or errno.EIO
+        return 0
+
+    # ------------------------------------------------------------------ server side
+
+    def listen(self, backlog: int = min(_socketmod.SOMAXCONN, 128)) -> None:
+        """Listen by the server rule for the bound address: RDMA, TCP or both at once."""
+        if self._usdp_listen is not None:
+            if self._usdp_listen != "sdp":
+                super().listen(backlog)
+            return
+        if self._usdp_transport is not None:
+            super().listen(backlog)  # the kernel's error for a connected socket
+            return
+        host, port = super().getsockname()[:2]
+        if port == 0:  # listen() without bind(): take a port now, as the kernel would
+            super().bind(("::" if self.family == _socketmod.AF_INET6 else "0.0.0.0", 0))
+            host, port = super().getsockname()[:2]
+        d = self._decide("server", host, port)
+        use = d.use
+        if use != "tcp":
+            s = self._new_sdp()
+            try:
+                s.bind((host, port))  # the kernel chose the port: RDMA takes the same one
+                s.listen(backlog)
+                s.setblocking(False)
+            except OSError as exc:
+                s.close()
+                if use == "sdp":
+                    raise
+                log.warning("%s: no rdma listener on %s:%d (%s); tcp only [%s]",
+                            _state.program, host, port, exc, d.where)
+                use = "tcp"
+            else:
+                self._usdp_sdp = s
+        if use != "sdp":
+            super().listen(backlog)
+        if use != "tcp":
+            # From now on the kernel fd stays non-blocking (accept() must not block on one
+            # listener while the other has a connection); the user's timeout lives here.
+            self._usdp_timeout = super().gettimeout()
+            super().settimeout(0.0)
+        if use == "both":
+            assert self._usdp_sdp is not None
+            self._usdp_poll = select.epoll()
+            self._usdp_poll.register(self._usdp_sdp.fileno(), select.EPOLLIN)
+            self._usdp_poll.register(super().fileno(), select.EPOLLIN)
+        self._usdp_listen = use
+        log.info("%s listening on %s:%d over %s [%s]", _state.program, host, port,
+                 {"sdp": "rdma", "tcp": "tcp", "both": "rdma+tcp"}[use], d.where)
+
+    def accept(self) -> tuple[Any, Any]:
+        """The next connection: a kernel socket (TCP) or an :class:`SdpSocket` (RDMA)."""
+        if not self._rdma_listening():
+            conn, addr = super().accept()
+            if self._usdp_listen is not None:
+                log.info("%s accepted %s over tcp", _state.program, _fmt(addr))
+            return conn, addr
+        sdp = self._usdp_sdp
+        assert sdp is not None
+        timeout = self._usdp_timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        poller = select.poll()
+        sdp_fd = sdp.fileno()
+        poller.register(sdp_fd, select.POLLIN)
+        tcp_fd = -1
+        if self._usdp_listen == "both":
+            tcp_fd = super().fileno()
+            poller.register(tcp_fd, select.POLLIN)
+        while True:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready = poller.poll(None if remaining is None else math.ceil(remaining * 1000))
+            for fd, _ev in ready:
+                try:
+                    if fd == tcp_fd:
+                        conn, addr = super().accept()  # kernel fd is non-blocking
+                        log.info("%s accepted %s over tcp", _state.program, _fmt(addr))
+                        return conn, addr
+                    c, addr = sdp.accept()
+                except BlockingIOError:
+                    continue
+                except OSError as exc:
+                    if fd == tcp_fd:
+                        raise
+                    log.warning("%s: rdma connection attempt failed: %s",
+                                _state.program, exc)
+                    continue
+                c.settimeout(_socketmod.getdefaulttimeout())  # as accept() does for TCP
+                log.info("%s accepted %s over rdma", _state.program, _fmt(addr))
+                return c, addr
+            if not ready and deadline is not None and time.monotonic() >= deadline:
+                if timeout == 0.0:
+                    raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+                raise TimeoutError("timed out")
+
+    # ------------------------------------------------------------------ readiness, timeouts
+
+    def fileno(self) -> int:
+        if self._usdp_poll is not None:
+            return self._usdp_poll.fileno()
+        if self._usdp_sdp is not None and not getattr(self, "_closed", False):
+            return self._usdp_sdp.fileno()
+        return super().fileno()
+
+    def settimeout(self, value: float | None) -> None:
+        if self._rdma_listening():
+            super().settimeout(value)  # validates the value as the stdlib does
+            super().settimeout(0.0)
+            self._usdp_timeout = value if value is None else float(value)
+            return
+        super().settimeout(value)
+        conn = self._conn()
+        if conn is not None:
+            conn.settimeout(value)
+
+    def gettimeout(self) -> float | None:
+        if self._rdma_listening():
+            return self._usdp_timeout
+        return super().gettimeout()
+
+    def setblocking(self, flag: bool) -> None:
+        self.settimeout(None if flag else 0.0)
+
+    def getblocking(self) -> bool:
+        return self.gettimeout() != 0.0
+
+    def setsockopt(self, level: int, optname: int, *value: Any) -> None:
+        super().setsockopt(level, optname, *value)
+        self._usdp_opts = (*self._usdp_opts, (level, optname, *value))
+        conn = self._conn()
+        if conn is not None:
+            conn.setsockopt(level, optname, *value)
+
+    def getsockopt(self, level: int, optname: int, *buflen: Any) -> Any:
+        p = self._usdp_pending
+        if p is not None and not (p.done.is_set() and p.kernel) and (level, optname) == (
+                _socketmod.SOL_SOCKET, _socketmod.SO_ERROR):
+            # asyncio waits for the kernel fd to be writable, which an unconnected socket
+            # is at once, then asks SO_ERROR; BlockingIOError makes it ask again. The short
+            # wait keeps that from spinning while the handshake runs.
+            if not p.done.wait(0.002):
+                raise BlockingIOError(errno.EINPROGRESS, "Operation now in progress")
+            if not p.kernel:
+                err, p.err = p.err, 0
+                return err
+        conn = self._conn()
+        if conn is not None and not buflen:
+            return conn.getsockopt(level, optname)
+        return super().getsockopt(level, optname, *buflen)
+
+    # ------------------------------------------------------------------ addresses & data
+
+    def getsockname(self) -> Any:
+        conn = self._conn()
+        return conn.getsockname() if conn is not None else super().getsockname()
+
+    def getpeername(self) -> Any:
+        conn = self._conn()
+        return conn.getpeername() if conn is not None else super().getpeername()
+
+    def send(self, data: Any, flags: int = 0) -> int:
+        conn = self._conn()
+        return conn.send(data, flags) if conn is not None else super().send(data, flags)
+
+    def sendall(self, data: Any, flags: int = 0) -> None:
+        conn = self._conn()
+        if conn is not None:
+            conn.sendall(data, flags)
+        else:
+            super().sendall(data, flags)
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        conn = self._conn()
+        return conn.recv(bufsize, flags) if conn is not None else super().recv(bufsize, flags)
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        conn = self._conn()
+        if conn is not None:
+            return conn.recv_into(buffer, nbytes, flags)
+        return super().recv_into(buffer, nbytes, flags)
+
+    def sendfile(self, file: Any, offset: int = 0, count: int | None = None) -> int:
+        if self._conn() is not None:  # os.sendfile needs a kernel socket
+            return self._sendfile_use_send(file, offset, count)  # type: ignore[attr-defined, no-any-return]
+        return super().sendfile(file, offset, count)
+
+    def shutdown(self, how: int) -> None:
+        conn = self._conn()
+        if conn is not None:
+            conn.shutdown(how)
+        else:
+            super().shutdown(how)
+
+    def _no_rdma(self, what: str) -> None:
+        if self._usdp_sdp is not None:
+            raise OSError(errno.EOPNOTSUPP, f"{what} is not supported on an RDMA socket")
+
+    def detach(self) -> int:
+        self._no_rdma("detach()")
+        return super().detach()
+
+    def dup(self) -> Any:
+        self._no_rdma("dup()")
+        return super().dup()
+
+    def _real_close(self, _ss: Any = _socketmod._socket.socket) -> None:  # type: ignore[attr-defined]
+        sdp, self._usdp_sdp = self._usdp_sdp, None
+        poll, self._usdp_poll = self._usdp_poll, None
+        if poll is not None:
+            poll.close()
+        if sdp is not None:
+            sdp.close()
+        super()._real_close(_ss)  # type: ignore[misc]
+
+
+def _fmt(addr: Any) -> str:
+    try:
+        return f"{addr[0]}:{addr[1]}"
+    except (TypeError, IndexError):
+        return repr(addr)
+
+
+def patch(rules: _rules.Rules | str | os.PathLike[str] | None = None, *,
+          program: str | None = None, options: Options | None = None) -> None:
+    """Make ``socket.socket`` a :class:`HybridSocket` for this process.
+
+    ``rules``: a :class:`~usdp._rules.Rules`, a rules file, or None for ``$USDP_CONFIG``,
+    the per-user file, or the built-in default (``both``). ``program`` is the name rules'
+    PROGRAM globs match (default: ``sys.argv[0]``'s file name). ``options`` are the
+    :class:`~usdp.Options` of every RDMA socket made (default: ``Options.from_env()``).
+    Calling it again replaces the rules, program and options.
+    """
+    loaded = rules if isinstance(rules, _rules.Rules) else _rules.load(rules)
+    try:
+        import ssl  # noqa: F401  (ssl subclasses socket.socket at import: give it the real one)
+    except ImportError:  # pragma: no cover
+        pass
+    with _state.lock:
+        _state.rules = loaded
+        _state.program = program or _program_name()
+        _state.options = options
+        if not _state.patched:
+            _socketmod.socket = HybridSocket  # type: ignore[misc]
+            _state.patched = True
+
+
+def unpatch() -> None:
+    """Give ``socket.socket`` back; sockets already made keep working as they are."""
+    with _state.lock:
+        if _state.patched:
+            _socketmod.socket = _RealSocket  # type: ignore[misc]
+            _state.patched = False
+
+
+def is_patched() -> bool:
+    return _state.patched
+
+
+def transport_of(sock: Any) -> Transport:
+    """``"rdma"`` or ``"tcp"``: the transport of a connection (or of a listener that uses
+    only one). Takes a socket, an :class:`SdpSocket`, or an asyncio transport/StreamWriter.
+    """
+    extra = getattr(sock, "get_extra_info", None)
+    if extra is not None:
+        inner = extra("socket")
+        if inner is None:
+            raise ValueError(f"{sock!r} has no socket")
+        sock = getattr(inner, "_sock", inner)  # asyncio.trsock.TransportSocket
+    if isinstance(sock, SdpSocket):
+        return "rdma"
+    if _is_hybrid(sock):
+        done: Transport | None = sock._usdp_transport
+        if done is not None:
+            return done
+        if sock._usdp_listen in ("sdp", "tcp"):
+            return "rdma" if sock._usdp_listen == "sdp" else "tcp"
+        if sock._usdp_listen == "both":
+            raise ValueError("this listener accepts both rdma and tcp: ask its connections")
+        raise ValueError("the transport is decided at connect() or listen(): not yet")
+    if isinstance(sock, _RealSocket):
+        if sock.family in _INET and sock.type == _socketmod.SOCK_STREAM:
+            return "tcp"
+        raise ValueError(f"not an internet stream socket: {sock!r}")
+    raise TypeError(f"not a socket: {sock!r}")
