@@ -68,3 +68,22 @@ __all__ = [
     "create_connection",
     "socket",
 ]
+
+from usdp import asyncio  # noqa: E402
+from usdp._patch import HybridSocket, is_patched, patch, transport_of, unpatch  # noqa: E402
+from usdp._rules import Rules, RulesError  # noqa: E402
+from usdp._rules import load as load_rules  # noqa: E402
+from usdp._rules import parse as parse_rules  # noqa: E402
+
+__all__ += [
+    "HybridSocket",
+    "Rules",
+    "RulesError",
+    "asyncio",
+    "is_patched",
+    "load_rules",
+    "parse_rules",
+    "patch",
+    "transport_of",
+    "unpatch",
+]
