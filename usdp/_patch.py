@@ -55,6 +55,7 @@ _INET = (_socketmod.AF_INET, _socketmod.AF_INET6)
 _TYPE_FLAGS = getattr(_socketmod, "SOCK_NONBLOCK", 0) | getattr(_socketmod, "SOCK_CLOEXEC", 0)
 
 Transport = Literal["rdma", "tcp"]
+_MIN_RDMA_BACKLOG = 128
 
 
 class _State:
@@ -277,7 +278,10 @@ class HybridSocket(_RealSocket, metaclass=_Meta):
             s = self._new_sdp()
             try:
                 s.bind((host, port))  # the kernel chose the port: RDMA takes the same one
-                s.listen(backlog)
+                # A connection request beyond the CM's backlog is dropped and retried only
+                # after the CM's response timeout (seconds, where TCP retries a SYN after
+                # 1 s): socketserver's listen(5) made 32 clients take 30 s on rxe.
+                s.listen(max(backlog, _MIN_RDMA_BACKLOG))
                 s.setblocking(False)
             except OSError as exc:
                 s.close()
@@ -513,14 +517,17 @@ def is_patched() -> bool:
 
 def transport_of(sock: Any) -> Transport:
     """``"rdma"`` or ``"tcp"``: the transport of a connection (or of a listener that uses
-    only one). Takes a socket, an :class:`SdpSocket`, or an asyncio transport/StreamWriter.
+    only one). Takes a socket, an :class:`SdpSocket`, an asyncio transport or StreamWriter,
+    or an ``asyncio.Server``'s ``sockets`` entry.
     """
     extra = getattr(sock, "get_extra_info", None)
     if extra is not None:
         inner = extra("socket")
         if inner is None:
             raise ValueError(f"{sock!r} has no socket")
-        sock = getattr(inner, "_sock", inner)  # asyncio.trsock.TransportSocket
+        sock = inner
+    if type(sock).__name__ == "TransportSocket":  # asyncio's wrapper (Server.sockets, extra)
+        sock = sock._sock
     if isinstance(sock, SdpSocket):
         return "rdma"
     if _is_hybrid(sock):
