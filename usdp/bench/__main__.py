@@ -1,0 +1,5 @@
+import sys
+
+from usdp.bench.runner import main
+
+sys.exit(main())

@@ -1,0 +1,413 @@
+"""``python -m usdp.bench``: every contender, every size, one run, one rxe link.
+
+Run inside the test bed (``scripts/bench`` boots it). Placement:
+
+* one host (``--hosts 1``): RDMA contenders run client and server on the one rxe device
+  (198.18.0.1 to itself). Python TCP runs its server in the veth peer namespace ``usdp-b``
+  (198.18.0.2), so its bytes cross the veth pair rather than the kernel's loopback device.
+* two hosts (``--hosts 2``): every server runs on host B (through its agent), every client
+  on host A; all traffic crosses the emulated link.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import selectors
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from usdp.bench import report
+from usdp.bench.procs import Done, Local, Netns, Place, Remote, client_until_up
+
+WORKER = Path(__file__).with_name("worker.py")
+RSPRELOAD = "/usr/lib/x86_64-linux-gnu/rsocket/librspreload.so"
+KiB, MiB = 1024, 1 << 20
+DEFAULT_SIZES = [64, 256, KiB, 4 * KiB, 16 * KiB, 64 * KiB, 256 * KiB, MiB, 4 * MiB]
+QUICK_SIZES = [64, 64 * KiB, MiB]
+ALL = ["usdp-bcopy", "usdp-zcopy", "usdp-nodefer", "tcp", "rspreload", "rstream",
+       "ib_send_bw", "ib_write_bw", "ib_send_lat"]
+LABELS = {
+    "usdp-bcopy": "usdp BCopy", "usdp-zcopy": "usdp ZCopy", "usdp-nodefer": "usdp, defer off",
+    "tcp": "Python TCP", "rspreload": "Python+rspreload", "rstream": "rstream",
+    "ib_send_bw": "ib_send_bw", "ib_write_bw": "ib_write_bw", "ib_send_lat": "ib_send_lat",
+}
+ZCOPY_THRESHOLD = 65536
+
+
+@dataclass
+class Config:
+    hosts: int
+    sizes: list[int]
+    contenders: list[str]
+    seconds: float  # per Python measurement
+    stream_bytes: int  # per C-tool stream measurement (count = bytes / size, clamped)
+    lat_iters: int  # C-tool ping-pong iterations at small sizes
+    out: Path
+    profile: bool
+    dev: str
+    addr_a: str
+    addr_b: str
+    results: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Progress:
+    """One line per finished measurement on stderr: count, label, value, elapsed, ETA."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done, self.t0 = total, 0, time.monotonic()
+
+    def step(self, text: str) -> None:
+        self.done += 1
+        el = time.monotonic() - self.t0
+        eta = el / self.done * (self.total - self.done)
+        print(f"[bench {self.done:3d}/{self.total} {el:5.0f}s, ~{eta:4.0f}s left] {text}",
+              file=sys.stderr, flush=True)
+
+    def note(self, text: str) -> None:
+        print(f"[bench] {text}", file=sys.stderr, flush=True)
+
+
+_port = random.randrange(20000, 40000)
+
+
+def next_port() -> int:
+    global _port
+    _port += 1
+    return _port
+
+
+def fmt_size(n: int) -> str:
+    for unit, f in (("MiB", MiB), ("KiB", KiB)):
+        if n >= f and n % f == 0:
+            return f"{n // f} {unit}"
+    return f"{n} B"
+
+
+def describe(r: dict[str, Any]) -> str:
+    head = f"{LABELS[r['contender']]:17s} {r['mode']:8s} {fmt_size(r['size']):>7s}: "
+    if r.get("error"):
+        first: str = str(r["error"]).splitlines()[0][:100]
+        return head + "FAILED " + first
+    if r["mode"] == "stream":
+        return head + f"{r['bytes_per_s'] / MiB:9.2f} MiB/s"
+    p50 = r.get("rtt_p50_us") or r.get("rtt_mean_us") or 0.0
+    return head + f"RTT p50 {p50:9.0f} us"
+
+
+# ---------------------------------------------------------------------------- Python side
+
+
+def python_contender(cfg: Config, name: str, server: Place, prog: Progress,
+                     modes: list[str], profile: str | None = None,
+                     sizes: list[int] | None = None) -> None:
+    sizes = sizes or cfg.sizes
+    kind = "usdp" if name.startswith("usdp") else "tcp"
+    extra = {"usdp-zcopy": ["--zcopy", str(ZCOPY_THRESHOLD)],
+             "usdp-nodefer": ["--no-defer"]}.get(name, [])
+    env = {"LD_PRELOAD": RSPRELOAD} if name == "rspreload" else {}
+    port = next_port()
+    py = sys.executable
+    tests = [f"{m}:{s}" for s in sizes for m in modes]
+    common = ["--kind", kind, "--host", server.addr, "--port", str(port), *extra]
+    sargv = [py, str(WORKER), "server", *common, "--idle-timeout", "180",
+             "--max-size", str(max(sizes))]
+    cargv = [py, str(WORKER), "client", *common, "--quit", "--seconds", str(cfg.seconds),
+             "--tests", *tests]
+    tag = profile or name
+    if profile:
+        sargv += ["--profile", str(cfg.out / f"profile-{tag}-server.txt")]
+        cargv += ["--profile", str(cfg.out / f"profile-{tag}-client.txt")]
+    logs = cfg.out / "logs"
+    srv = server.spawn(sargv, env, logs / f"{tag}-server")
+    per_test = cfg.seconds + 120.0  # a test's bound: its time + connect + op timeouts
+    got: list[dict[str, Any]] = []
+    err_path = logs / f"{tag}-client.err"
+    with open(err_path, "wb") as err:
+        cli = subprocess.Popen(cargv, env={**os.environ, **env}, stdout=subprocess.PIPE,
+                               stderr=err, stdin=subprocess.DEVNULL, text=True)
+        assert cli.stdout is not None
+        sel = selectors.DefaultSelector()
+        sel.register(cli.stdout, selectors.EVENT_READ)
+        failure = ""
+        startup = 90.0  # python + usdp import under TCG takes several seconds
+        try:
+            while len(got) < len(tests):
+                if not sel.select(per_test + (startup if not got else 0.0)):
+                    failure = f"no result within {per_test:.0f} s"
+                    break
+                line = cli.stdout.readline()
+                if not line:
+                    failure = "client exited early"
+                    break
+                res = json.loads(line)
+                res["contender"] = name
+                if profile:
+                    res["profiled"] = True
+                got.append(res)
+                if not profile:
+                    cfg.results.append(res)
+                prog.step(describe(res))
+            if not failure:
+                try:
+                    cli.wait(60)
+                except subprocess.TimeoutExpired:
+                    failure = "client did not exit"
+        finally:
+            sel.close()
+            if cli.poll() is None:
+                cli.kill()
+            cli.wait(10)
+    sdone = srv.wait(30)
+    if sdone.rc is None:
+        srv.kill()
+    if failure or cli.returncode != 0:
+        msg = (failure or f"client rc {cli.returncode}") + ": " + \
+            err_path.read_text(errors="replace")[-600:] + " | server: " + sdone.stderr[-400:]
+        for t in tests[len(got):]:
+            m, s = t.split(":")
+            mode = "stream" if m == "S" else "pingpong"
+            if not profile:
+                cfg.results.append({"contender": name, "mode": mode, "size": int(s),
+                                    "error": msg})
+            prog.step(describe({"contender": name, "mode": mode, "size": int(s),
+                                "error": msg}))
+
+
+# ---------------------------------------------------------------------------- C tools
+
+
+def gid_index(dev: str, addr: str) -> int:
+    """The GID index of ``addr``'s IPv4-mapped GID on ``dev`` (RoCE v2), else 1."""
+    want = "".join(f"{int(o):02x}" for o in addr.split("."))
+    gids = Path(f"/sys/class/infiniband/{dev}/ports/1/gids")
+    try:
+        for i in range(16):
+            g = (gids / str(i)).read_text().strip().replace(":", "")
+            if g == "00000000000000000000ffff" + want:
+                return i
+    except OSError:
+        pass
+    return 1
+
+
+def clamp(v: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, v))
+
+
+def c_tool(cfg: Config, name: str, server: Place, mode: str, size: int,
+           prog: Progress) -> None:
+    port = next_port()
+    addr = server.addr
+    to = 180.0
+    if name == "rstream":
+        if mode == "stream":
+            count, iters = clamp(cfg.stream_bytes // size, 8, 20000), 1
+        else:
+            count, iters = 1, clamp(cfg.stream_bytes // 4 // size, 10, cfg.lat_iters)
+        args = ["-p", str(port), "-S", str(size), "-C", str(count), "-I", str(iters)]
+        sargv, cargv = ["rstream", "-b", addr, *args], ["rstream", "-s", addr, *args]
+        parse: Callable[[str], dict[str, Any]] = _parse_rstream
+    else:
+        if mode == "stream":
+            n = clamp(cfg.stream_bytes // size, 8, 20000)
+        else:
+            n = clamp(cfg.stream_bytes // 4 // size, 10, cfg.lat_iters)
+        args = ["-d", cfg.dev, "-x", str(gid_index(cfg.dev, cfg.addr_a)), "-F",
+                "-s", str(size), "-n", str(n), "-p", str(port)]
+        sargv, cargv = [name, *args], [name, *args, addr]
+        parse = _parse_perftest_lat if name == "ib_send_lat" else _parse_perftest_bw
+    # the server's GID index is its own host's; -x is read locally by each side
+    if isinstance(server, Remote) and name != "rstream":
+        sargv[sargv.index("-x") + 1] = str(_remote_gid_guess(cfg))
+    log = cfg.out / "logs" / f"{name}-{mode}-{size}"
+    t0 = time.monotonic()
+    srv = server.spawn(sargv, {}, log.with_name(log.name + "-server"))
+    res: dict[str, Any] = {"contender": name, "mode": mode, "size": size}
+    try:
+        d = client_until_up(cargv, {}, srv, to)
+        (log.with_name(log.name + "-client.out")).write_text(d.stdout + "\n" + d.stderr)
+        if d.rc != 0:
+            res["error"] = f"client rc {d.rc}: {(d.stdout + d.stderr)[-500:]}"
+        else:
+            res.update(parse(d.stdout))
+            res["wall_seconds"] = time.monotonic() - t0
+    except (ValueError, IndexError) as e:
+        res["error"] = f"could not parse the output: {e}"
+    finally:
+        sd: Done = srv.wait(30)
+        if sd.rc is None:
+            srv.kill()
+    cfg.results.append(res)
+    prog.step(describe(res))
+
+
+def _remote_gid_guess(cfg: Config) -> int:
+    # Host B's rxe sits on its eth0 set up exactly like A's, so its IPv4 GID has the same
+    # index as A's own.
+    return gid_index(cfg.dev, cfg.addr_a)
+
+
+def _table_after(out: str, header_start: str) -> tuple[list[str], list[str]]:
+    lines = out.splitlines()
+    for i, line in enumerate(lines):
+        if line.strip().startswith(header_start):
+            for row in lines[i + 1:]:
+                if row.strip() and row.strip()[0].isdigit():
+                    return line.split(), row.split()
+    raise ValueError(f"no {header_start!r} table in {out[-300:]!r}")
+
+
+def _parse_perftest_bw(out: str) -> dict[str, Any]:
+    head, row = _table_after(out, "#bytes")
+    avg = float(row[3])
+    unit = " ".join(head)
+    bps = avg * 125e6 if "Gb/sec" in unit else avg * MiB  # perftest's MB = 2^20 B
+    return {"bytes_per_s": bps, "n": int(row[1])}
+
+
+def _parse_perftest_lat(out: str) -> dict[str, Any]:
+    _, row = _table_after(out, "#bytes")
+    # ib_send_lat reports half a round trip: t_min t_max t_typical t_avg t_stdev 99% 99.9%
+    return {"n": int(row[1]), "rtt_p50_us": 2 * float(row[4]),
+            "rtt_mean_us": 2 * float(row[5]), "rtt_p99_us": 2 * float(row[7])}
+
+
+def _parse_rstream(out: str) -> dict[str, Any]:
+    for line in out.splitlines():
+        f = line.split()
+        if len(f) == 8 and f[0] == "custom":
+            secs = float(f[5].rstrip("s"))
+            usec_per_xfer = float(f[7])
+            gbps = float(f[6])  # counts both directions: the client's and the echo
+            # bytes moved / time: client sends C x S, then server sends C x S back
+            return {"bytes_per_s": gbps * 125e6, "seconds": secs,
+                    "rtt_mean_us": 2 * usec_per_xfer,
+                    "note": "rstream reports a mean only"}
+    raise ValueError(f"no rstream result line in {out[-300:]!r}")
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def plan(cfg: Config) -> list[tuple[str, str]]:
+    """(contender, mode) pairs in run order."""
+    out: list[tuple[str, str]] = []
+    for c in cfg.contenders:
+        if c in ("ib_send_bw", "ib_write_bw", "usdp-nodefer"):
+            out.append((c, "stream"))
+        elif c == "ib_send_lat":
+            out.append((c, "pingpong"))
+        else:
+            out += [(c, "stream"), (c, "pingpong")]
+    return out
+
+
+def run(cfg: Config) -> int:
+    (cfg.out / "logs").mkdir(parents=True, exist_ok=True)
+    remote: Remote | None = None
+    if cfg.hosts == 2:
+        remote = Remote(cfg.addr_b)
+        rdma_srv: Place = remote
+        tcp_srv: Place = remote
+        placement = (f"clients on host A ({cfg.addr_a}), servers on host B ({cfg.addr_b}) "
+                     "through its agent; two VMs joined by qemu's socket netdev")
+    else:
+        rdma_srv = Local(cfg.addr_a)
+        tcp_srv = Netns(cfg.addr_b)
+        placement = (f"one VM: RDMA contenders loop back through the one rxe device "
+                     f"({cfg.dev}, {cfg.addr_a} to itself); Python TCP's server runs in the "
+                     f"veth peer namespace usdp-b ({cfg.addr_b}), so TCP crosses the veth "
+                     "pair, not the loopback device")
+    pairs = plan(cfg)
+    total = sum(len(cfg.sizes) for _ in pairs) + (2 if cfg.profile else 0)
+    prog = Progress(total)
+    prog.note(f"{len(cfg.contenders)} contenders x {len(cfg.sizes)} sizes, {total} "
+              f"measurements; {placement}")
+    prog.note("the VM is emulated (TCG): absolute numbers mean nothing, ratios within "
+              "this run do")
+    t0 = time.monotonic()
+    try:
+        for c in cfg.contenders:
+            modes = [m for cc, m in pairs if cc == c]
+            if c.startswith("usdp") or c in ("tcp", "rspreload"):
+                place = tcp_srv if c == "tcp" else rdma_srv
+                python_contender(cfg, c, place, prog,
+                                 ["S" if m == "stream" else "P" for m in modes])
+            else:
+                for m in modes:
+                    for s in cfg.sizes:
+                        c_tool(cfg, c, rdma_srv, m, s, prog)
+        if cfg.profile:
+            size = 64 * KiB if 64 * KiB in cfg.sizes else max(cfg.sizes)
+            prog.note(f"profiling the usdp BCopy stream at {fmt_size(size)} (pyinstrument)")
+            python_contender(cfg, "usdp-bcopy", rdma_srv, prog, ["S"],
+                             profile=f"usdp-stream-{size}", sizes=[size])
+            python_contender(cfg, "usdp-bcopy", rdma_srv, prog, ["P"],
+                             profile="usdp-pingpong-64", sizes=[64])
+    finally:
+        if remote is not None:
+            remote.close()
+    meta = {
+        "hosts": cfg.hosts, "device": cfg.dev, "placement": placement,
+        "sizes": cfg.sizes, "contenders": cfg.contenders, "seconds_per_python_test":
+        cfg.seconds, "stream_bytes_per_c_test": cfg.stream_bytes,
+        "zcopy_threshold": ZCOPY_THRESHOLD, "wall_seconds": time.monotonic() - t0,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv),
+        "emulated": os.environ.get("USDP_IN_VM") == "1",
+    }
+    summary = report.write(cfg.out, meta, cfg.results, LABELS)
+    print(summary)
+    failed = [r for r in cfg.results if r.get("error")]
+    if failed:
+        prog.note(f"{len(failed)} measurement(s) failed; see {cfg.out / 'logs'}")
+    prog.note(f"results in {cfg.out}")
+    return 1 if failed else 0
+
+
+def parse_size(s: str) -> int:
+    m = re.fullmatch(r"(\d+)\s*([kKmM]?)(i?B)?", s.strip())
+    if not m:
+        raise argparse.ArgumentTypeError(f"bad size {s!r}")
+    return int(m.group(1)) * {"": 1, "k": KiB, "m": MiB}[m.group(2).lower()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m usdp.bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hosts", type=int, choices=[1, 2],
+                    default=int(os.environ.get("USDP_HOSTS", "1")))
+    ap.add_argument("--quick", action="store_true", help="3 sizes, short measurements")
+    ap.add_argument("--sizes", nargs="+", type=parse_size, help="e.g. 64 4K 1M")
+    ap.add_argument("--contenders", nargs="+", choices=ALL, default=ALL)
+    ap.add_argument("--seconds", type=float, help="time per Python measurement")
+    ap.add_argument("--stream-bytes", type=parse_size, help="bytes per C-tool stream test")
+    ap.add_argument("--lat-iters", type=int, help="C-tool ping-pong iterations (small sizes)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile the usdp stream and ping-pong (pyinstrument)")
+    ap.add_argument("--out", type=Path, help="results folder (default results/bench-<time>)")
+    args = ap.parse_args(argv)
+    quick = args.quick
+    out = args.out or Path(os.environ.get("USDP_OUT", "results")) / \
+        time.strftime("bench-%Y%m%d-%H%M%S")
+    cfg = Config(
+        hosts=args.hosts,
+        sizes=args.sizes or (QUICK_SIZES if quick else DEFAULT_SIZES),
+        contenders=args.contenders,
+        seconds=args.seconds or (0.5 if quick else 1.5),
+        stream_bytes=args.stream_bytes or (4 * MiB if quick else 32 * MiB),
+        lat_iters=args.lat_iters or (100 if quick else 1000),
+        out=out.resolve(), profile=args.profile,
+        dev=os.environ.get("USDP_RXE_DEV", "rxe0"),
+        addr_a=os.environ.get("USDP_HOST_A", "198.18.0.1"),
+        addr_b=os.environ.get("USDP_HOST_B", "198.18.0.2"),
+    )
+    return run(cfg)

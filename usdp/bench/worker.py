@@ -1,0 +1,247 @@
+"""One end of a Python socket benchmark: usdp, or ``socket.socket`` (plain TCP, or TCP
+under ``LD_PRELOAD=librspreload.so``, i.e. rsockets). The same code measures all of them.
+
+Run by path (``python usdp/bench/worker.py ...``), not with ``-m``: ``-m usdp.bench.worker``
+would import the usdp package (and pyverbs) into a TCP or rsockets process that does not
+need it. Only the standard library is imported at the top; usdp only for ``--kind usdp``.
+
+Protocol, one connection per test: the client sends a 9-byte header (mode ``S`` stream,
+``P`` ping-pong, ``Q`` quit; size as u64). Stream: the client sends ``size``-byte messages
+for the test's duration, then shuts down its write side; the server reads to EOF.
+Ping-pong: the client sends ``size`` bytes, the server echoes them, until the client shuts
+down. Either way the server then answers one JSON line (its ``stats()`` for usdp) and
+closes, and the client prints one JSON line per test on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import os
+import socket
+import statistics
+import struct
+import sys
+import time
+from typing import Any
+
+HEADER = struct.Struct("!cQ")
+
+
+def _options(args: argparse.Namespace) -> Any:
+    import usdp
+
+    return usdp.Options(zcopy_threshold=args.zcopy, defer=not args.no_defer)
+
+
+def _make_socket(args: argparse.Namespace) -> Any:
+    if args.kind == "usdp":
+        import usdp
+
+        return usdp.SdpSocket(options=_options(args))
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return s
+
+
+def _stats(sock: Any) -> dict[str, int]:
+    fn = getattr(sock, "stats", None)
+    if fn is None:
+        return {}
+    out: dict[str, int] = fn()
+    return out
+
+
+def _recv_exact(sock: Any, view: memoryview) -> bool:
+    got = 0
+    while got < len(view):
+        n = sock.recv_into(view[got:])
+        if n == 0:
+            return False
+        got += n
+    return True
+
+
+def _read_all(sock: Any) -> bytes:
+    out = bytearray()
+    while chunk := sock.recv(65536):
+        out += chunk
+    return bytes(out)
+
+
+# ---------------------------------------------------------------------------- server
+
+
+def serve(args: argparse.Namespace) -> int:
+    lst = _make_socket(args)
+    if args.kind != "usdp":
+        lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    lst.bind((args.host, args.port))
+    lst.listen(8)
+    lst.settimeout(args.idle_timeout)
+    print(f"worker: {args.kind} server on {args.host}:{args.port}", file=sys.stderr, flush=True)
+    profiler = _start_profiler(args)
+    buf = bytearray(max(1 << 20, args.max_size))
+    view = memoryview(buf)
+    try:
+        while True:
+            try:
+                conn, _ = lst.accept()
+            except TimeoutError:
+                print("worker: no client within the idle timeout", file=sys.stderr)
+                return 2
+            with conn:
+                conn.settimeout(args.op_timeout)
+                hdr = bytearray(HEADER.size)
+                if not _recv_exact(conn, memoryview(hdr)):
+                    continue  # a client probing whether we listen
+                mode, size = HEADER.unpack(hdr)
+                if mode == b"Q":
+                    return 0
+                if mode == b"S":
+                    while conn.recv_into(view):
+                        pass
+                else:
+                    msg = view[:size]
+                    while _recv_exact(conn, msg):
+                        conn.sendall(msg)
+                conn.sendall(json.dumps({"stats": _stats(conn)}).encode() + b"\n")
+    finally:
+        _stop_profiler(profiler, args)
+        lst.close()
+
+
+# ---------------------------------------------------------------------------- client
+
+
+def _connect(args: argparse.Namespace) -> Any:
+    """Connect, retrying while the server is not listening yet (bounded)."""
+    deadline = time.monotonic() + args.connect_timeout
+    while True:
+        s = _make_socket(args)
+        s.settimeout(args.op_timeout)
+        try:
+            s.connect((args.host, args.port))
+            return s
+        except OSError as e:
+            s.close()
+            refused = isinstance(e, ConnectionRefusedError) or e.errno in (
+                errno.ECONNREFUSED, errno.ETIMEDOUT, errno.EHOSTUNREACH)
+            if not refused or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)  # the server process is still starting: retry, bounded
+
+
+def run_test(args: argparse.Namespace, mode: str, size: int) -> dict[str, Any]:
+    payload = os.urandom(size)
+    back = bytearray(size)
+    bview = memoryview(back)
+    sock = _connect(args)
+    with sock:
+        sock.sendall(HEADER.pack(mode.encode()[:1], size))
+        rtts: list[float] = []
+        n = 0
+        if mode == "S":
+            t0 = time.perf_counter()
+            end = t0 + args.seconds
+            while n < args.max_msgs and (n < args.min_msgs or time.perf_counter() < end):
+                sock.sendall(payload)
+                n += 1
+            sock.shutdown(socket.SHUT_WR)
+            reply = _read_all(sock)
+            elapsed = time.perf_counter() - t0
+        else:
+            for _ in range(args.warmup):
+                sock.sendall(payload)
+                if not _recv_exact(sock, bview):
+                    raise ConnectionError("EOF from the echo server")
+            t0 = time.perf_counter()
+            end = t0 + args.seconds
+            while n < args.max_msgs and (n < args.min_msgs or time.perf_counter() < end):
+                t = time.perf_counter()
+                sock.sendall(payload)
+                if not _recv_exact(sock, bview):
+                    raise ConnectionError("EOF from the echo server")
+                rtts.append(time.perf_counter() - t)
+                n += 1
+            elapsed = time.perf_counter() - t0
+            sock.shutdown(socket.SHUT_WR)
+            reply = _read_all(sock)
+        cstats = _stats(sock)
+    server = json.loads(reply.decode().strip() or "{}")
+    res: dict[str, Any] = {"mode": "stream" if mode == "S" else "pingpong", "size": size,
+                           "n": n, "seconds": elapsed, "client_stats": cstats,
+                           "server_stats": server.get("stats", {})}
+    if mode == "S":
+        res["bytes_per_s"] = n * size / elapsed
+    else:
+        q = statistics.quantiles(rtts, n=100, method="inclusive") if len(rtts) > 1 else rtts * 99
+        res.update(rtt_p50_us=q[49] * 1e6, rtt_p99_us=q[98] * 1e6,
+                   rtt_mean_us=statistics.fmean(rtts) * 1e6,
+                   bytes_per_s=2 * n * size / elapsed)
+    return res
+
+
+def client(args: argparse.Namespace) -> int:
+    profiler = _start_profiler(args)
+    try:
+        for spec in args.tests:
+            mode, size = spec.split(":")
+            res = run_test(args, mode, int(size))
+            print(json.dumps(res), flush=True)
+    finally:
+        _stop_profiler(profiler, args)
+    if args.quit:
+        with _connect(args) as s:
+            s.sendall(HEADER.pack(b"Q", 0))
+    return 0
+
+
+# ---------------------------------------------------------------------------- profiling
+
+
+def _start_profiler(args: argparse.Namespace) -> Any:
+    if not args.profile:
+        return None
+    from pyinstrument import Profiler
+
+    p = Profiler(interval=0.0005)
+    p.start()
+    return p
+
+
+def _stop_profiler(p: Any, args: argparse.Namespace) -> None:
+    if p is None:
+        return
+    p.stop()
+    with open(args.profile, "w") as f:
+        f.write(p.output_text(unicode=True, color=False, show_all=False))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("role", choices=["server", "client"])
+    ap.add_argument("--kind", choices=["usdp", "tcp"], default="usdp",
+                    help="tcp = socket.socket (rsockets when run under LD_PRELOAD)")
+    ap.add_argument("--host", required=True)
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--zcopy", type=int, default=0, help="usdp zcopy_threshold (0 = off)")
+    ap.add_argument("--no-defer", action="store_true", help="usdp Options(defer=False)")
+    ap.add_argument("--tests", nargs="*", default=[], help="MODE:SIZE, MODE S or P")
+    ap.add_argument("--seconds", type=float, default=1.5, help="time per test")
+    ap.add_argument("--min-msgs", type=int, default=5)
+    ap.add_argument("--max-msgs", type=int, default=1_000_000)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--max-size", type=int, default=4 << 20)
+    ap.add_argument("--quit", action="store_true", help="client: stop the server at the end")
+    ap.add_argument("--connect-timeout", type=float, default=60.0)
+    ap.add_argument("--op-timeout", type=float, default=60.0)
+    ap.add_argument("--idle-timeout", type=float, default=300.0)
+    ap.add_argument("--profile", help="write a pyinstrument text profile here")
+    args = ap.parse_args(argv)
+    return serve(args) if args.role == "server" else client(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
