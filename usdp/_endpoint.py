@@ -24,23 +24,37 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
+import pyverbs.enums as e
+
 from usdp import _cm
-from usdp._connection import Connection, State
+from usdp._connection import MAX_ZCOPY, Connection, State
 from usdp._errors import (
     BrokenPipe,
     ConnectionReset,
     ProtocolError,
+    RemoteAccessError,
     Timeout,
     UsdpError,
     WouldBlock,
 )
 from usdp._lock import ConnLock, CqPend
 from usdp._progress import progress
-from usdp._verbs import WC_FLUSH, WC_SUCCESS, QPResources
+from usdp._verbs import (
+    READ_WR_ID,
+    WC_FLUSH,
+    WC_SUCCESS,
+    QPResources,
+    Ring,
+    UserMR,
+)
 from usdp._wire import HEADER_SIZE, Header, Params, pack_header_into
 
 log = logging.getLogger("usdp")
 
+#: A recv_into buffer at least this big is registered and RDMA-read into directly;
+#: smaller reads go through a bounce buffer (registration costs more than the copy).
+DIRECT_READ_MIN = 64 * 1024
+BOUNCE_SIZE = 1 << 20
 POLL_BUDGET = 16  # completions per poll call (the kernel's own CQ poller uses 16)
 _PEER_GONE_EVENTS = frozenset({
     _cm.EV.RDMA_CM_EVENT_DISCONNECTED, _cm.EV.RDMA_CM_EVENT_DEVICE_REMOVAL,
@@ -60,6 +74,9 @@ class EndpointStats:
     recv_completions: int = 0
     send_completions: int = 0
     cm_events: int = 0
+    zcopy_sends: int = 0
+    zcopy_bytes_out: int = 0
+    zcopy_reads: int = 0
 
 
 class Readiness:
@@ -117,8 +134,12 @@ class Endpoint:
     """An established connection's data path."""
 
     def __init__(self, cmid: Any, channel: _cm.Channel, res: QPResources, params: Params,
-                 *, defer: bool = True, signal_every: int = 8) -> None:
+                 *, defer: bool = True, signal_every: int = 8,
+                 zcopy_threshold: int = 0) -> None:
         self.cmid, self.channel, self.res = cmid, channel, res
+        self.zcopy_threshold = zcopy_threshold if params.zcopy else 0
+        self._read_status: int | None = None  # of the outstanding RDMA read, once done
+        self._bounce: Ring | None = None
         self.conn = Connection(params)
         self.lock = ConnLock(self._drain, defer=defer, name=f"qp{res.qp_num}")
         self.stats = EndpointStats()
@@ -189,10 +210,13 @@ class Endpoint:
         """Poll, re-arm, poll again (called only by the lock's owner)."""
         if self.closed:
             return
-        if flags & RECV:
-            self._drain_cq(self.res.recv_cq, self._on_recv_wc)
+        # Send CQ first: when the QP fails, the cause (retries exhausted, a remote access
+        # error on an RDMA read) is a send-queue completion, and the receive queue only
+        # shows the flushes that follow; the first error latched is the one reported.
         if flags & SEND:
             self._drain_cq(self.res.send_cq, self._on_send_wc)
+        if flags & RECV:
+            self._drain_cq(self.res.recv_cq, self._on_recv_wc)
         if self._cm_gone_pending:
             self._handle_peer_gone()
         self._send_control()
@@ -221,7 +245,9 @@ class Endpoint:
     def _on_recv_wc(self, wc: Any) -> None:
         self.stats.recv_completions += 1
         if wc.status != WC_SUCCESS:
-            if wc.status != WC_FLUSH or not (self.closing or self.peer_gone):
+            if wc.status == WC_FLUSH:
+                self._on_flush()
+            else:
                 self._fail(ConnectionReset(errno.ECONNRESET,
                                            f"receive failed (wc status {wc.status})"))
             return
@@ -252,9 +278,14 @@ class Endpoint:
 
     def _on_send_wc(self, wc: Any) -> None:
         self.stats.send_completions += 1
-        if wc.status != WC_SUCCESS and (
-            wc.status != WC_FLUSH or not (self.closing or self.peer_gone)
-        ):
+        if wc.wr_id == READ_WR_ID:
+            self._read_status = wc.status
+            if wc.status != WC_SUCCESS:
+                self._fail(self._read_error(wc.status))
+            return
+        if wc.status == WC_FLUSH:
+            self._on_flush()
+        elif wc.status != WC_SUCCESS:
             self._fail(ConnectionReset(errno.ECONNRESET,
                                        f"send failed (wc status {wc.status}): peer gone?"))
         # Sends complete in order: this one frees every unsignaled slot before it too.
@@ -265,6 +296,17 @@ class Endpoint:
             self.free_send.append(s)
             if s == slot:
                 break
+
+    def _on_flush(self) -> None:
+        """A flushed WR is a consequence: the QP went to error for a reason found elsewhere
+        (a send-queue completion, a CM disconnect, our own close). Look for the cause in
+        the send CQ before calling it a reset, so the error reported is the real one."""
+        if self.conn.error is not None or self.closing or self.peer_gone:
+            return
+        self._drain_cq(self.res.send_cq, self._on_send_wc)
+        if self.conn.error is None and not self.peer_gone:
+            self._fail(ConnectionReset(errno.ECONNRESET,
+                                       "connection reset: the queue pair failed"))
 
     def _fail(self, exc: UsdpError) -> None:
         log.debug("qp%d: %s", self.res.qp_num, exc)
@@ -298,16 +340,24 @@ class Endpoint:
     def _send_control(self) -> None:
         """Send queued DISCONN / credit updates while a send slot is free."""
         while self.free_send and self.conn.error is None:
-            h = self.conn.next_control()
-            if h is None:
+            frame = self.conn.next_control_frame()
+            if frame is None:
                 return
-            self._post_frame(h, None, signal=True)
+            h, payload = frame
+            self._post_frame(h, memoryview(payload) if payload else None, signal=True)
 
     def writable(self) -> bool:
         return bool(self.free_send) and self.conn.data_credit_ok()
 
-    def send_some(self, data: memoryview) -> int:
-        """Post as much of ``data`` as credits and buffers allow now (owner only)."""
+    def send_some(self, data: memoryview, timeout: float | None = None) -> int:
+        """Post as much of ``data`` as credits and buffers allow now (owner only).
+
+        At or above the zero-copy threshold the bytes are not copied: they are advertised
+        (SrcAvail) and this returns once the peer has RDMA-read them (``timeout``).
+        """
+        # Not for non-blocking calls: a zero-copy send must wait for the peer's read.
+        if self.zcopy_threshold and len(data) >= self.zcopy_threshold and timeout != 0.0:
+            return self._send_zcopy(data, timeout)
         sent = 0
         maxp = self.conn.max_payload
         while sent < len(data) and self.writable():
@@ -318,6 +368,33 @@ class Endpoint:
             self._send_control()
             self._update_readiness()
         return sent
+
+    def _send_zcopy(self, data: memoryview, timeout: float | None) -> int:
+        """SrcAvail -> the peer's RDMA read -> RdmaRdCompl; the buffer is ours again after.
+
+        The registration with remote-read rights lives exactly as long as the transfer: the
+        rkey is dead once this returns. A peer that does not answer within ``timeout``
+        gets the connection aborted (the stream cannot be resumed consistently).
+        """
+        n = min(len(data), MAX_ZCOPY)
+        mr = UserMR(self.res.dev, data[:n], e.IBV_ACCESS_REMOTE_READ)
+        try:
+            h, payload = self.conn.src_avail_frame(n, mr.rkey, mr.addr)
+            self._post_frame(h, memoryview(payload), signal=True)
+            self.stats.zcopy_sends += 1
+            done = self.lock.wait(lambda: not self.conn.zcopy_outstanding
+                                  or self.conn.error is not None or self.peer_gone, timeout)
+            if not done:
+                self._fail(Timeout(errno.ETIMEDOUT, "zero-copy send: the peer did not read "
+                                   "the advertised buffer in time; connection aborted"))
+                self.abort()
+            self.check_send()
+            if self.conn.zcopy_outstanding:
+                raise BrokenPipe(errno.EPIPE, "peer disconnected during a zero-copy send")
+            self.stats.zcopy_bytes_out += n
+            return n
+        finally:
+            mr.close()
 
     def wait_writable(self, timeout: float | None, what: str) -> None:
         """Owner waits for a credit and a send buffer; raises the socket's errors.
@@ -342,8 +419,10 @@ class Endpoint:
 
     # ------------------------------------------------------------------ receiving
 
-    def recv_into(self, out: memoryview) -> int:
+    def recv_into(self, out: memoryview, timeout: float | None = None) -> int:
         """Copy queued bytes into ``out`` (owner only); 0 means EOF if ``conn.eof``."""
+        if self.conn.head_is_remote:
+            return self._recv_remote(out)
         chunks = self.conn.consume(len(out))
         pos = 0
         rview, rsize = self._rview, self._rsize
@@ -356,6 +435,64 @@ class Endpoint:
             self._send_control()
             self._update_readiness()
         return pos
+
+    def _recv_remote(self, out: memoryview) -> int:
+        """RDMA-read advertised bytes: straight into ``out`` when it is large, else through
+        a registered bounce buffer and one copy."""
+        direct = len(out) >= DIRECT_READ_MIN
+        want = len(out) if direct else min(len(out), BOUNCE_SIZE)
+        chunk = self.conn.consume_remote(want)
+        assert chunk is not None
+        dest: UserMR | None = None
+        if direct:
+            # Registered for this read only: a cached registration would have to keep the
+            # caller's buffer exported (pinned), and a bytearray could then not be resized.
+            dest = UserMR(self.res.dev, out[: chunk.length], e.IBV_ACCESS_LOCAL_WRITE)
+            laddr, lkey = dest.addr, dest.lkey
+        else:
+            if self._bounce is None:
+                self._bounce = Ring(self.res.dev, 1, BOUNCE_SIZE, e.IBV_ACCESS_LOCAL_WRITE)
+            laddr, lkey = self._bounce.addr, self._bounce.lkey
+        # The read itself is bounded by the RC retry timers, not by the socket timeout
+        # (which may be 0 for a non-blocking recv that found these bytes "ready").
+        try:
+            self.rdma_read(laddr, chunk.length, lkey, chunk.rkey, chunk.vaddr, None)
+        finally:
+            if dest is not None:
+                dest.close()
+        if not direct:
+            assert self._bounce is not None
+            out[: chunk.length] = self._bounce.view[: chunk.length]
+        self.conn.remote_read_done(chunk)
+        self.stats.zcopy_reads += 1
+        self._send_control()
+        self._update_readiness()
+        return chunk.length
+
+    def rdma_read(self, laddr: int, length: int, lkey: int, rkey: int, raddr: int,
+                  timeout: float | None) -> None:
+        """One RDMA read, waited for (owner only); failures latch and raise."""
+        self._read_status = None
+        self.res.post_read(laddr, length, lkey, rkey, raddr)
+        ok = self.lock.wait(lambda: self._read_status is not None
+                            or self.conn.error is not None, timeout)
+        if ok and self._read_status == WC_SUCCESS:
+            return
+        if self.conn.error is None:
+            self._fail(Timeout(errno.ETIMEDOUT, "RDMA read timed out"))
+        assert self.conn.error is not None
+        raise self.conn.error
+
+    def _read_error(self, status: int) -> UsdpError:
+        exc: UsdpError
+        if status == e.IBV_WC_REM_ACCESS_ERR:
+            exc = RemoteAccessError(errno.EREMOTEIO, "RDMA read of the peer's advertised "
+                                    "buffer failed: remote access error (bad rkey, address "
+                                    "or length)")
+        else:
+            exc = ConnectionReset(errno.ECONNRESET, f"RDMA read failed (wc status {status})")
+        log.error("qp%d: %s", self.res.qp_num, exc)
+        return exc
 
     def recv_ready(self) -> bool:
         return self.conn.readable > 0 or self.conn.eof or self.conn.error is not None \
@@ -443,6 +580,8 @@ class Endpoint:
             if self.readiness is not None:
                 self.readiness.set(True, True)
         self._rview = self._sview = memoryview(b"")
+        if self._bounce is not None:
+            self._bounce.close()
         self.res.close()
         try:
             self.cmid.close()

@@ -24,6 +24,7 @@ from usdp._endpoint import Endpoint
 from usdp._errors import HandshakeError, UsdpError
 from usdp._verbs import Device, QPResources
 from usdp._wire import (
+    Features,
     HandshakeKind,
     Hello,
     Reject,
@@ -37,7 +38,9 @@ log = logging.getLogger("usdp")
 
 
 def _hello(opts: Options, kind: HandshakeKind) -> Hello:
-    return Hello(kind, opts.recv_bufs, opts.recv_buf_size, opts.recv_buf_size)
+    # Every usdp peer can *receive* zero-copy (it costs nothing until a SrcAvail comes);
+    # whether it *sends* that way is its own zcopy_threshold.
+    return Hello(kind, opts.recv_bufs, opts.recv_buf_size, opts.recv_buf_size, Features.ZCOPY)
 
 
 def _dev_name(cmid: Any) -> str:
@@ -86,7 +89,8 @@ def connect(dst: _cm.SockAddr, src: str | None, opts: Options,
         res.modify(cmid, e.IBV_QPS_RTR)
         res.modify(cmid, e.IBV_QPS_RTS)
         cmid.establish()
-        ep = Endpoint(cmid, chan, res, params, defer=opts.defer, signal_every=opts.signal_every)
+        ep = Endpoint(cmid, chan, res, params, defer=opts.defer, signal_every=opts.signal_every,
+                      zcopy_threshold=opts.zcopy_threshold)
         ep.start()
         return ep
     except BaseException:
@@ -166,7 +170,8 @@ class Listener:
             # a failed handshake (CONNECT_ERROR) resets the connection there. This lets one
             # accept loop take many connections without a round trip each.
             ep = Endpoint(child, chan, res, params, defer=self.opts.defer,
-                          signal_every=self.opts.signal_every)
+                          signal_every=self.opts.signal_every,
+                          zcopy_threshold=self.opts.zcopy_threshold)
             ep.start()
             return ep, peer_addr
         except BaseException:

@@ -186,7 +186,7 @@ class SdpSocket:
             return 0
         with ep.lock:
             ep.wait_writable(self._timeout, "send")
-            return ep.send_some(mv)
+            return ep.send_some(mv, self._timeout)
 
     def sendall(self, data: Any, flags: int = 0) -> None:
         """Send all of ``data``; relocks between batches so completions get drained."""
@@ -195,7 +195,7 @@ class SdpSocket:
         with ep.lock:
             while sent < len(mv):
                 ep.wait_writable(self._timeout, "sendall")
-                sent += ep.send_some(mv[sent:])
+                sent += ep.send_some(mv[sent:], self._timeout)
                 if sent < len(mv):
                     ep.lock.relock()  # SDP_CONN_RELOCK: drain deferred completions
 
@@ -223,7 +223,7 @@ class SdpSocket:
         with ep.lock:
             ep.wait(ep.recv_ready, self._timeout, "recv")
             if ep.conn.readable:
-                return ep.recv_into(mv)
+                return ep.recv_into(mv, self._timeout)
             err = ep.conn.error
             if err is not None and not ep.conn.eof:
                 raise err
@@ -346,6 +346,9 @@ class SdpSocket:
             "drains_bh": ls.bh_drains,
             "drains_unlock": ls.unlock_drains,
             "bh_waits": ls.bh_waits,
+            "zcopy_sends": ep.stats.zcopy_sends,
+            "zcopy_bytes_out": ep.stats.zcopy_bytes_out,
+            "zcopy_reads": ep.stats.zcopy_reads,
             "local_recv_bufs": ep.conn.params.local_recv_bufs,
             "peer_recv_bufs": ep.conn.params.peer_recv_bufs,
             "cq_polls": ep.stats.cq_polls,

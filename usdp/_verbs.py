@@ -109,7 +109,86 @@ class Ring:
             self.mr = None
         self.view.release()
         del self._anchor
-        self._mm.close()
+        try:
+            self._mm.close()
+        except BufferError:
+            # A view of the ring is still referenced (e.g. by the traceback of a latched
+            # protocol error); the memory goes when that does. The MR is already gone.
+            pass
+
+
+class _PyBuffer(ctypes.Structure):
+    _fields_ = [
+        ("buf", ctypes.c_void_p), ("obj", ctypes.c_void_p), ("len", ctypes.c_ssize_t),
+        ("itemsize", ctypes.c_ssize_t), ("readonly", ctypes.c_int), ("ndim", ctypes.c_int),
+        ("format", ctypes.c_char_p), ("shape", ctypes.c_void_p), ("strides", ctypes.c_void_p),
+        ("suboffsets", ctypes.c_void_p), ("internal", ctypes.c_void_p),
+    ]
+
+
+_get_buffer = ctypes.pythonapi.PyObject_GetBuffer
+_get_buffer.argtypes = [ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int]
+_release_buffer = ctypes.pythonapi.PyBuffer_Release
+_release_buffer.argtypes = [ctypes.POINTER(_PyBuffer)]
+
+
+def buffer_address(view: memoryview) -> int:
+    """The address of a contiguous buffer's first byte, read-only buffers included.
+
+    The caller keeps ``view`` alive for as long as the address is used: the export pins
+    the memory (a bytearray cannot be resized while exported; bytes never move).
+    """
+    pb = _PyBuffer()
+    _get_buffer(view, ctypes.byref(pb), 0)  # PyBUF_SIMPLE: contiguous bytes
+    try:
+        return int(pb.buf or 0)
+    finally:
+        _release_buffer(ctypes.byref(pb))
+
+
+_remote_mrs = 0
+_remote_mrs_lock = threading.Lock()
+
+
+def remote_access_mrs() -> int:
+    """How many registrations with remote access rights exist now (least privilege: only
+    while a zero-copy transfer is outstanding)."""
+    return _remote_mrs
+
+
+class UserMR:
+    """A registration of the caller's own memory, for zero-copy."""
+
+    def __init__(self, dev: Device, view: memoryview, access: int) -> None:
+        global _remote_mrs
+        self.view = view  # holds the export: the memory cannot go away under the HCA
+        self.addr = buffer_address(view)
+        self.length = len(view)
+        self.remote = bool(access & (e.IBV_ACCESS_REMOTE_READ | e.IBV_ACCESS_REMOTE_WRITE))
+        try:
+            self.mr: Any = MR(dev.pd, self.length, access, address=self.addr)
+        except PyverbsError as exc:
+            raise verbs_error(exc, "registering a user buffer") from exc
+        self.lkey: int = self.mr.lkey
+        self.rkey: int = self.mr.rkey
+        if self.remote:
+            with _remote_mrs_lock:
+                _remote_mrs += 1
+
+    def close(self) -> None:
+        global _remote_mrs
+        if self.mr is None:
+            return
+        self.mr.close()  # deregistered: the rkey is of no use to anyone any more
+        self.mr = None
+        self.view.release()  # and the caller's buffer is its own again (resizable)
+        if self.remote:
+            with _remote_mrs_lock:
+                _remote_mrs -= 1
+
+
+#: wr_id of the (single) outstanding RDMA read; send slots use 0..count-1.
+READ_WR_ID = 1 << 40
 
 
 class QPResources:
@@ -156,17 +235,32 @@ class QPResources:
             wr = SendWR(wr_id=i, opcode=e.IBV_WR_SEND, num_sge=1, sg=[sge], send_flags=0)
             wr.sg_list = sge
             self._send_wrs.append(wr)
+        # One RDMA-read WR, re-aimed for every read (see the send WRs for why).
+        self._read_sge = SGE(self.send_ring.addr, 1, self.send_ring.lkey)
+        self._read_wr = SendWR(wr_id=READ_WR_ID, opcode=e.IBV_WR_RDMA_READ, num_sge=1,
+                               sg=[self._read_sge], send_flags=e.IBV_SEND_SIGNALED)
+        self._read_wr.sg_list = self._read_sge
         self.qp_num: int = self.qp.qp_num
 
     # ------------------------------------------------------------------ QP states
 
     def modify(self, cmid: Any, state: int) -> None:
         attr, mask = cmid.init_qp_attr(state)
-        if state == e.IBV_QPS_RTR:
+        if state == e.IBV_QPS_INIT:
+            # The active side reaches INIT before the CM knows the responder resources, so
+            # the CM leaves out remote read; zero-copy needs the peer to RDMA-read us. (A
+            # read still needs a live rkey: only memory advertised by a SrcAvail is open.)
+            attr.qp_access_flags |= e.IBV_ACCESS_REMOTE_READ
+            mask |= e.IBV_QP_ACCESS_FLAGS
+        elif state == e.IBV_QPS_RTR:
             attr.min_rnr_timer = MIN_RNR_TIMER
+            attr.max_dest_rd_atomic = max(attr.max_dest_rd_atomic, 1)
+            mask |= e.IBV_QP_MAX_DEST_RD_ATOMIC
         elif state == e.IBV_QPS_RTS:
             attr.timeout, attr.retry_cnt, attr.rnr_retry = ACK_TIMEOUT, RETRY_CNT, RNR_RETRY
-            mask |= e.IBV_QP_TIMEOUT | e.IBV_QP_RETRY_CNT | e.IBV_QP_RNR_RETRY
+            attr.max_rd_atomic = max(attr.max_rd_atomic, 1)
+            mask |= (e.IBV_QP_TIMEOUT | e.IBV_QP_RETRY_CNT | e.IBV_QP_RNR_RETRY
+                     | e.IBV_QP_MAX_QP_RD_ATOMIC)
         try:
             self.qp.modify(attr, mask)
         except PyverbsError as exc:
@@ -196,6 +290,16 @@ class QPResources:
         except PyverbsRDMAError as exc:
             raise verbs_error(exc, "posting a send") from exc
 
+    def post_read(self, laddr: int, length: int, lkey: int, rkey: int, raddr: int) -> None:
+        """RDMA-read ``length`` bytes of the peer's ``raddr`` (``rkey``) into ``laddr``."""
+        sge = self._read_sge
+        sge.addr, sge.length, sge.lkey = laddr, length, lkey
+        self._read_wr.set_wr_rdma(rkey, raddr)
+        try:
+            self.qp.post_send(self._read_wr)
+        except PyverbsRDMAError as exc:
+            raise verbs_error(exc, "posting an RDMA read") from exc
+
     # ------------------------------------------------------------------ CQs
 
     @staticmethod
@@ -221,9 +325,13 @@ class QPResources:
                     obj.close()
         # Free the C memory pyverbs 44 would leak (once: closing twice is a double free).
         # A send WR's close() frees its SGE's struct too, so the SGEs are not closed.
-        for wr in getattr(self, "_recv_wrs", []) + getattr(self, "_send_wrs", []):
+        wrs = getattr(self, "_recv_wrs", []) + getattr(self, "_send_wrs", [])
+        if getattr(self, "_read_wr", None) is not None:
+            wrs.append(self._read_wr)
+        for wr in wrs:
             wr.close()
         self._recv_wrs, self._send_wrs, self._send_sges = [], [], []
+        self._read_wr = None
         for ring in ("recv_ring", "send_ring"):
             r = getattr(self, ring, None)
             if r is not None:
