@@ -35,6 +35,7 @@ from usdp._errors import (  # noqa: E402
     WouldBlock,
 )
 from usdp._socket import (  # noqa: E402
+    AF_INET_SDP,
     SHUT_RD,
     SHUT_RDWR,
     SHUT_WR,
@@ -42,9 +43,6 @@ from usdp._socket import (  # noqa: E402
     create_connection,
     socket,
 )
-
-#: The address family number the SDP kernel module used, for code that asks for SDP by name.
-AF_INET_SDP = 27
 
 __all__ = [
     "AF_INET_SDP",

@@ -43,14 +43,12 @@ from typing import Any, Literal
 
 from usdp import _rules
 from usdp._config import Options
-from usdp._socket import SdpSocket
+from usdp._socket import AF_INET_SDP, SdpSocket
 
 log = logging.getLogger("usdp")
 
 _RealSocket = _socketmod.socket
-#: The family number the SDP kernel module used (also ``usdp.AF_INET_SDP``): a socket made
-#: with it while patched always uses RDMA, whatever the rules say.
-AF_INET_SDP = 27
+# A socket made with AF_INET_SDP while patched always uses RDMA, whatever the rules say.
 _INET = (_socketmod.AF_INET, _socketmod.AF_INET6)
 _TYPE_FLAGS = getattr(_socketmod, "SOCK_NONBLOCK", 0) | getattr(_socketmod, "SOCK_CLOEXEC", 0)
 

@@ -12,6 +12,7 @@ the peer's first credits.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import time
 from typing import Any
@@ -21,7 +22,7 @@ import pyverbs.enums as e
 from usdp import _cm
 from usdp._config import Options
 from usdp._endpoint import Endpoint
-from usdp._errors import HandshakeError, UsdpError
+from usdp._errors import ConnectionAborted, HandshakeError, UsdpError
 from usdp._verbs import Device, QPResources
 from usdp._wire import (
     Features,
@@ -134,7 +135,10 @@ class Listener:
                 log.warning("listener %s:%d: connection attempt failed: %s",
                             self.addr[0], self.addr[1], exc)
                 if timeout == 0.0:
-                    raise
+                    # What a non-blocking accept loop (asyncio's) expects for a client
+                    # that went away mid-handshake: skip it and go on.
+                    raise ConnectionAborted(errno.ECONNABORTED,
+                                            f"handshake failed: {exc}") from exc
 
     def _handshake(self, ev: _cm.Event) -> tuple[Endpoint, _cm.SockAddr]:
         from pyverbs.cmid import CMID

@@ -28,6 +28,8 @@ from usdp._errors import (
     error_from_errno,
 )
 
+#: The address family number the SDP kernel module used, for code that asks for SDP by name.
+AF_INET_SDP = 27
 SHUT_RD, SHUT_WR, SHUT_RDWR = _stdsocket.SHUT_RD, _stdsocket.SHUT_WR, _stdsocket.SHUT_RDWR
 _Address = tuple[Any, ...]  # (host, port) or, for AF_INET6, (host, port, flow, scope)
 
@@ -37,6 +39,8 @@ class SdpSocket:
 
     def __init__(self, family: int = _stdsocket.AF_INET, type: int = _stdsocket.SOCK_STREAM,
                  proto: int = 0, *, options: Options | None = None) -> None:
+        if family == AF_INET_SDP:
+            family = _stdsocket.AF_INET  # SDP's own family number means "IPv4, over SDP"
         if family not in (_stdsocket.AF_INET, _stdsocket.AF_INET6):
             raise InvalidArgument(errno.EAFNOSUPPORT, "usdp supports AF_INET and AF_INET6")
         if type & ~(_stdsocket.SOCK_NONBLOCK | _stdsocket.SOCK_CLOEXEC) \
@@ -143,7 +147,11 @@ class SdpSocket:
             return
         if self._bound is None:
             raise InvalidArgument(errno.EINVAL, "bind() a concrete address before listen()")
-        self._listener = _setup.Listener(self._bound, backlog, self._opts, self.family)
+        # RDMA CM drops connection requests beyond the backlog and the client's CM retries
+        # only after seconds (TCP: 1 s), so a small backlog (socketserver's 5) stalls
+        # bursts of clients: never go below 128.
+        self._listener = _setup.Listener(self._bound, max(backlog, 128), self._opts,
+                                         self.family)
 
     def accept(self) -> tuple[SdpSocket, _Address]:
         """Wait for a connection; returns ``(SdpSocket, (host, port))``."""
@@ -153,7 +161,8 @@ class SdpSocket:
         ep, addr = self._listener.accept(self._timeout)
         s = SdpSocket(self.family, options=self._opts)
         s._ep, s._peer = ep, addr
-        s._timeout = self._timeout if self._timeout != 0.0 else None
+        # As socket.socket: an accepted socket is blocking, or has the default timeout.
+        s._timeout = _stdsocket.getdefaulttimeout()
         return s, addr
 
     # ------------------------------------------------------------------ client side
