@@ -166,7 +166,7 @@ def python_contender(cfg: Config, name: str, server: Place, prog: Progress,
             if cli.poll() is None:
                 cli.kill()
             cli.wait(10)
-    sdone = srv.wait(30)
+    sdone = srv.wait(150 if profile else 30)  # rendering a profile is slow under TCG
     if sdone.rc is None:
         srv.kill()
     if failure or cli.returncode != 0:
@@ -365,7 +365,7 @@ def run(cfg: Config) -> int:
         "emulated": os.environ.get("USDP_IN_VM") == "1",
     }
     summary = report.write(cfg.out, meta, cfg.results, LABELS)
-    print(summary)
+    print(summary, flush=True)
     failed = [r for r in cfg.results if r.get("error")]
     if failed:
         prog.note(f"{len(failed)} measurement(s) failed; see {cfg.out / 'logs'}")

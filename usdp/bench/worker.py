@@ -81,7 +81,7 @@ def serve(args: argparse.Namespace) -> int:
     lst.listen(8)
     lst.settimeout(args.idle_timeout)
     print(f"worker: {args.kind} server on {args.host}:{args.port}", file=sys.stderr, flush=True)
-    profiler = _start_profiler(args)
+    profiler = None
     buf = bytearray(max(1 << 20, args.max_size))
     view = memoryview(buf)
     try:
@@ -91,6 +91,8 @@ def serve(args: argparse.Namespace) -> int:
             except TimeoutError:
                 print("worker: no client within the idle timeout", file=sys.stderr)
                 return 2
+            if args.profile and profiler is None:
+                profiler = _start_profiler(args)  # the first connection only, not the waits
             with conn:
                 conn.settimeout(args.op_timeout)
                 hdr = bytearray(HEADER.size)
@@ -107,8 +109,11 @@ def serve(args: argparse.Namespace) -> int:
                     while _recv_exact(conn, msg):
                         conn.sendall(msg)
                 conn.sendall(json.dumps({"stats": _stats(conn)}).encode() + b"\n")
+            if profiler is not None and profiler.is_running:
+                _stop_profiler(profiler, args)
     finally:
-        _stop_profiler(profiler, args)
+        if profiler is not None and profiler.is_running:
+            _stop_profiler(profiler, args)
         lst.close()
 
 
@@ -206,7 +211,7 @@ def _start_profiler(args: argparse.Namespace) -> Any:
         return None
     from pyinstrument import Profiler
 
-    p = Profiler(interval=0.0005)
+    p = Profiler(interval=0.001, use_timing_thread=True)
     p.start()
     return p
 
@@ -240,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--idle-timeout", type=float, default=300.0)
     ap.add_argument("--profile", help="write a pyinstrument text profile here")
     args = ap.parse_args(argv)
+    if args.kind == "usdp":
+        import usdp  # noqa: F401  (seconds under TCG: keep it out of the profiles)
     return serve(args) if args.role == "server" else client(args)
 
 
