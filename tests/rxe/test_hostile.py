@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import pytest
 
 import usdp
-from tests.rxe.rawpeer import RawPeer, frame
+from tests.rxe.rawpeer import RawPeer
 from tests.rxe.test_socket import client, recv_exactly
 from usdp._wire import (
     HEADER_SIZE,
@@ -329,4 +329,3 @@ def test_raw_peer_frames_are_valid_when_built_right(
     finally:
         raw.close()
     listener_still_serves(srv, host, port, old_conn)
-    _ = frame  # re-exported for ad-hoc use

@@ -1,0 +1,200 @@
+"""Faults on two hosts (issue 6): netem on the link, a peer killed mid-stream, a storm of
+connection attempts. Host B runs ``tests/rxe/peer_stream.py`` through the agent.
+
+Sizes: the issue asks for 64 MiB each way at once. The bed is two TCG-emulated VMs with one
+vCPU each on a shared 2-core machine, where usdp moves a few MB/s, so each stream here is
+``NBYTES`` (32 MiB) each way at once, which keeps each case under ~15 s (clean ~6 s); the
+throughput printed next to the clean link's is what to compare.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from typing import Any
+
+import pytest
+
+import usdp
+from tests.rxe.conftest import HostB
+from tests.rxe.peer_stream import SMALL, drain, pump, stream_sha
+
+pytestmark = pytest.mark.twohost
+
+NBYTES = 32 << 20
+SEED_A, SEED_B = 11, 22
+PEER = [".venv/bin/python", "tests/rxe/peer_stream.py"]
+
+
+def connect_b(host_b: HostB, port: int, options: usdp.Options | None = None,
+              bound: float = 60.0) -> usdp.SdpSocket:
+    """Connect to host B's listener, retrying (bounded) while its process starts."""
+    deadline = time.monotonic() + bound
+    while True:
+        s = usdp.SdpSocket(options=options)
+        s.settimeout(30)
+        try:
+            s.connect((host_b.addr, port))
+            return s
+        except ConnectionRefusedError:
+            s.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)  # pacing retries while another VM's process comes up
+
+
+def peer_result(host_b: HostB, pid: int, timeout: float) -> dict[str, Any]:
+    res = host_b.wait(pid, timeout)
+    assert res["rc"] == 0, res
+    out: dict[str, Any] = json.loads(res["stdout"].strip().splitlines()[-1])
+    return out
+
+
+CONDITIONS: dict[str, dict[str, Any] | None] = {
+    "clean": None,
+    "loss_1pct": {"loss": 1},
+    "loss_5pct": {"loss": 5},
+    "delay_20ms_jitter_5ms": {"delay": 20000, "jitter": 5000},  # pyroute2: microseconds
+    "reorder_25pct": {"delay": 2000, "prob_reorder": 25},  # reordering needs a delay
+    "duplicate_5pct": {"duplicate": 5},
+}
+
+
+# Out-of-order arrival (jitter, reordering, and the gaps that 5 % loss leaves) ends the RC
+# connection on rxe with IBV_WC_RETRY_EXC_ERR (wc status 12) within the first MiB, both
+# ways, in every run so far: the transport's retry count (usdp._verbs.RETRY_CNT = 6, the
+# most short of rxe's "forever") runs out on the sequence-error NAKs. usdp reports it
+# cleanly (ConnectionResetError on both ends, no hang), but the stream is not delivered.
+RC_RETRY_EXCEEDED = pytest.mark.xfail(
+    strict=True, raises=AssertionError,
+    reason="rxe RC retry count exceeded (wc status 12) under reordering/5 % loss: "
+           "connection reset, stream lost (reported to the lead)")
+XFAIL = {"loss_5pct", "delay_20ms_jitter_5ms", "reorder_25pct"}
+
+
+@pytest.mark.parametrize("cond", [pytest.param(c, marks=RC_RETRY_EXCEEDED) if c in XFAIL
+                                  else c for c in CONDITIONS])
+def test_streams_both_ways_under_netem(host_b: HostB, netem: Any, port: int,
+                                       cond: str) -> None:
+    spec = CONDITIONS[cond]
+    if spec is not None:
+        netem(spec)
+    pid = host_b.spawn([*PEER, "stream", host_b.addr, str(port), str(NBYTES), str(SEED_B),
+                               str(SEED_A)])
+    s = connect_b(host_b, port)
+    out: dict[str, object] = {}
+    t0 = time.monotonic()
+    sender = threading.Thread(target=pump, args=(s, SEED_A, NBYTES, out))
+    sender.start()
+    drain(s, out)
+    sender.join(120)
+    secs = time.monotonic() - t0
+    assert not sender.is_alive()
+    s.close()
+    peer = peer_result(host_b, pid, 120)
+    mbps = 2 * NBYTES / secs / 1e6
+    print(f"\n{cond}: {NBYTES >> 20} MiB each way in {secs:.1f} s = {mbps:.1f} MB/s "
+          f"(both directions); peer {peer['secs']:.1f} s")
+    assert "send_error" not in out and "recv_error" not in out, out
+    assert "send_error" not in peer and "recv_error" not in peer, peer
+    assert out["received"] == NBYTES and out["rx_sha"] == stream_sha(SEED_B, NBYTES)
+    assert peer["received"] == NBYTES and peer["rx_ok"], peer
+
+
+def test_peer_killed_mid_stream(host_b: HostB, port: int) -> None:
+    """SIGKILL of host B's process while both directions stream: our blocked recv and
+    send fail with ConnectionResetError (the kernel's CM sends a DREQ for the dead
+    process's ids), within a bound; never a hang, never a TimeoutError."""
+    pid = host_b.spawn([*PEER, "stream", host_b.addr, str(port), "0", str(SEED_B), "0"])
+    s = connect_b(host_b, port)
+    out: dict[str, Any] = {}
+    sender_done: list[float] = []
+
+    def send_forever() -> None:
+        pump(s, SEED_A, 0, out)
+        sender_done.append(time.monotonic())
+
+    sender = threading.Thread(target=send_forever)
+    sender.start()
+    buf = bytearray(1 << 20)
+    got = 0
+    while got < (2 << 20):  # the stream is flowing both ways
+        n = s.recv_into(buf)
+        assert n
+        got += n
+    host_b.kill(pid)
+    killed = time.monotonic()
+    err: BaseException | None = None
+    try:
+        while s.recv_into(buf):
+            pass
+    except OSError as exc:
+        err = exc
+    recv_detect = time.monotonic() - killed
+    sender.join(60)
+    assert not sender.is_alive()
+    send_detect = sender_done[0] - killed
+    s.close()
+    res = host_b.wait(pid, 30)
+    print(f"\nkill: recv saw {type(err).__name__ if err else 'EOF'} after "
+          f"{recv_detect * 1000:.0f} ms ({err}); send saw {out.get('send_error')} after "
+          f"{send_detect * 1000:.0f} ms; peer rc {res['rc']}")
+    assert res["rc"] == -9
+    assert isinstance(err, ConnectionResetError), repr(err)
+    assert recv_detect < 10.0
+    assert "ConnectionReset" in str(out.get("send_error")) or "BrokenPipe" in str(
+        out.get("send_error")), out
+    assert send_detect < 10.0
+
+
+def test_connection_storm_against_a_small_backlog(host_b: HostB, port: int) -> None:
+    """200 connection attempts at once against one listener (backlog 5, which usdp
+    raises to 128): each is served (echo) or refused cleanly, and the listener goes on."""
+    attempts = 200
+    pid = host_b.spawn([*PEER, "accept", host_b.addr, str(port), "5"])
+    with connect_b(host_b, port, SMALL) as s:  # the listener is up
+        s.sendall(b"first")
+        assert s.recv(100) == b"first"
+    outcomes: list[str] = []
+    lock = threading.Lock()
+    gate = threading.Barrier(attempts, timeout=60)
+
+    def attempt(i: int) -> None:
+        msg = f"attempt {i}".encode()
+        try:
+            gate.wait()
+            with usdp.SdpSocket(options=SMALL) as c:
+                c.settimeout(60)
+                c.connect((host_b.addr, port))
+                c.sendall(msg)
+                got = b""
+                while len(got) < len(msg) and (chunk := c.recv(100)):
+                    got += chunk
+                outcome = "served" if got == msg else f"bad echo {got!r}"
+        except ConnectionRefusedError:
+            outcome = "refused"
+        except BaseException as exc:
+            outcome = f"{type(exc).__name__}: {exc}"
+        with lock:
+            outcomes.append(outcome)
+
+    t0 = time.monotonic()
+    threads = [threading.Thread(target=attempt, args=(i,)) for i in range(attempts)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    secs = time.monotonic() - t0
+    assert all(not t.is_alive() for t in threads)
+    served, refused = outcomes.count("served"), outcomes.count("refused")
+    others = [o for o in outcomes if o not in ("served", "refused")]
+    with connect_b(host_b, port, SMALL) as s:  # the listener still works
+        s.sendall(b"quit")
+        assert s.recv(100) == b"quit"
+    peer = peer_result(host_b, pid, 120)
+    print(f"\nstorm: {served} served, {refused} refused, {len(others)} other in {secs:.1f} s; "
+          f"peer served {peer['served']} (incl. first and quit), errors {peer['errors'][:3]}")
+    assert not others, others[:5]
+    assert served + refused == attempts and served >= 1
+    assert peer["served"] == served + 2 and not peer["errors"], peer
