@@ -11,11 +11,19 @@ def _env_bool(name: str, default: bool) -> bool:
     return default if v is None else v.strip().lower() not in ("0", "no", "false", "off", "")
 
 
+#: Probe interval that ``setsockopt(SOL_SOCKET, SO_KEEPALIVE, 1)`` turns on (seconds).
+KEEPALIVE_DEFAULT = 2.0
+
+
 @dataclass(frozen=True)
 class Options:
     """Tunables of one socket; ``SO_RCVBUF``/``SO_SNDBUF`` map onto the rings.
 
     Attributes:
+        keepalive: seconds of silence after which a KEEPALIVE frame probes the peer;
+            a dead peer or link then fails the connection with ETIMEDOUT about half a
+            second (RC retries) later. 0 (the default, as TCP's) turns it off;
+            ``SO_KEEPALIVE`` sets it to ``KEEPALIVE_DEFAULT``.
         zcopy_threshold: sends of at least this many bytes go zero-copy (SrcAvail + the
             peer's RDMA read) once implemented; 0 turns zero-copy off.
         recv_bufs: receive slots posted = credits granted to the peer.
@@ -35,6 +43,7 @@ class Options:
     """
 
     zcopy_threshold: int = 0
+    keepalive: float = 0.0
     recv_bufs: int = 16
     recv_buf_size: int = 64 * 1024
     send_bufs: int = 16

@@ -139,6 +139,8 @@ class Endpoint:
         self.cmid, self.channel, self.res = cmid, channel, res
         self.zcopy_threshold = zcopy_threshold if params.zcopy else 0
         self._read_status: int | None = None  # of the outstanding RDMA read, once done
+        self.keepalive = 0.0  # seconds of silence before a probe; 0: off
+        self._last_heard = time.monotonic()  # a frame arrived or a probe went out
         self._bounce: Ring | None = None
         self.conn = Connection(params)
         self.lock = ConnLock(self._drain, defer=defer, name=f"qp{res.qp_num}")
@@ -253,6 +255,7 @@ class Endpoint:
             return
         if self.conn.error is not None:
             return
+        self._last_heard = time.monotonic()
         slot = wc.wr_id
         base = slot * self._rsize
         try:
@@ -285,9 +288,14 @@ class Endpoint:
             return
         if wc.status == WC_FLUSH:
             self._on_flush()
+        elif wc.status == e.IBV_WC_RETRY_EXC_ERR:
+            # As a reset (the documented outcome of a dead peer), with the real reason.
+            self._fail(ConnectionReset(errno.ECONNRESET, "connection reset: transport retries "
+                                       "exhausted (peer or link down, or heavy loss or "
+                                       "reordering on the link)"))
         elif wc.status != WC_SUCCESS:
             self._fail(ConnectionReset(errno.ECONNRESET,
-                                       f"send failed (wc status {wc.status}): peer gone?"))
+                                       f"send failed (wc status {wc.status})"))
         # Sends complete in order: this one frees every unsignaled slot before it too.
         slot = wc.wr_id
         inflight = self.inflight
@@ -307,6 +315,42 @@ class Endpoint:
         if self.conn.error is None and not self.peer_gone:
             self._fail(ConnectionReset(errno.ECONNRESET,
                                        "connection reset: the queue pair failed"))
+
+    # ------------------------------------------------------------------ keepalive
+
+    def set_keepalive(self, interval: float) -> None:
+        """Probe the peer after ``interval`` seconds of silence (0 turns it off)."""
+        self.keepalive = interval
+        p = progress()
+        if interval > 0:
+            p.add_ticker(self._keepalive_tick)
+        else:
+            p.remove_ticker(self._keepalive_tick)
+
+    def _keepalive_tick(self, now: float) -> None:
+        """Completion thread: send a KEEPALIVE frame if the peer has been silent too long.
+
+        Its delivery must be acknowledged by the peer's HCA: over a dead link or to a
+        vanished host, RC retries run out (~0.5 s) and the failed send latches ETIMEDOUT,
+        waking every waiter. (A zero-length RDMA write, rsockets' probe, needs an rkey on
+        rxe 6.1.) No probe when credits or send slots lack: the peer then owes us credits
+        for data it has not read, and the probe waits for them. Takes the connection only
+        if nobody holds it: a user call in progress means traffic.
+        """
+        if self.closed or self.conn.error is not None or self.peer_gone:
+            progress().remove_ticker(self._keepalive_tick)
+            return
+        if now - self._last_heard < self.keepalive or not self.lock.lock(timeout=0):
+            return
+        try:
+            h = self.conn.keepalive_header() if self.free_send else None
+            if h is not None:
+                self._last_heard = now
+                self._post_frame(h, None, signal=True)
+        except UsdpError as exc:
+            self._fail(exc)
+        finally:
+            self.lock.unlock()
 
     def _fail(self, exc: UsdpError) -> None:
         log.debug("qp%d: %s", self.res.qp_num, exc)
@@ -568,6 +612,7 @@ class Endpoint:
         if self.closed:
             return
         p = progress()
+        p.remove_ticker(self._keepalive_tick)
         for fd in (self.res.send_fd, self.res.recv_fd, self.channel.fd):
             p.unregister(fd)
         with self.lock:

@@ -22,6 +22,7 @@ import logging
 import os
 import select
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -29,12 +30,16 @@ from typing import Any
 
 log = logging.getLogger("usdp.progress")
 
+#: Granularity of keepalive checks (seconds); intervals are rounded up to it.
+TICK = 0.25
+
 
 class ProgressThread:
     def __init__(self) -> None:
         self._epoll = select.epoll()
         self._handlers: dict[int, Callable[[], None]] = {}
         self._calls: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
+        self._tickers: set[Callable[[float], None]] = set()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._epoll.register(self._wake_r, select.EPOLLIN)
         self._thread = threading.Thread(target=self._run, name="usdp-bh", daemon=True)
@@ -65,12 +70,30 @@ class ProgressThread:
         os.write(self._wake_w, b"x")
         return fut.result(timeout)
 
+    def add_ticker(self, tick: Callable[[float], None]) -> None:
+        """Call ``tick(now)`` on this thread about every TICK seconds (keepalive)."""
+        self._tickers.add(tick)
+        os.write(self._wake_w, b"t")  # recompute the poll timeout
+
+    def remove_ticker(self, tick: Callable[[float], None]) -> None:
+        self._tickers.discard(tick)
+
     def _run(self) -> None:
+        next_tick = time.monotonic() + TICK
         while True:
+            timeout = max(0.0, next_tick - time.monotonic()) if self._tickers else -1
             try:
-                ready = self._epoll.poll()
+                ready = self._epoll.poll(timeout)
             except InterruptedError:
                 continue
+            if self._tickers and time.monotonic() >= next_tick:
+                now = time.monotonic()
+                next_tick = now + TICK
+                for tick in list(self._tickers):
+                    try:
+                        tick(now)
+                    except Exception:
+                        log.exception("keepalive tick failed")
             for fd, _mask in ready:
                 if fd == self._wake_r:
                     with contextlib.suppress(BlockingIOError):

@@ -14,10 +14,11 @@ import errno
 import io
 import socket as _stdsocket
 import threading
+from dataclasses import replace
 from typing import Any
 
 from usdp import _cm, _setup
-from usdp._config import Options
+from usdp._config import KEEPALIVE_DEFAULT, Options
 from usdp._endpoint import Endpoint
 from usdp._errors import (
     AlreadyConnected,
@@ -161,6 +162,8 @@ class SdpSocket:
         ep, addr = self._listener.accept(self._timeout)
         s = SdpSocket(self.family, options=self._opts)
         s._ep, s._peer = ep, addr
+        if self._opts.keepalive:
+            ep.set_keepalive(self._opts.keepalive)
         # As socket.socket: an accepted socket is blocking, or has the default timeout.
         s._timeout = _stdsocket.getdefaulttimeout()
         return s, addr
@@ -178,6 +181,8 @@ class SdpSocket:
         self._ep = _setup.connect((host, port), src, self._opts,
                                   self._timeout if self._timeout else None)
         self._peer = _cm.peer_addr(self._ep.cmid)
+        if self._opts.keepalive:
+            self._ep.set_keepalive(self._opts.keepalive)
 
     def connect_ex(self, address: _Address) -> int:
         try:
@@ -327,6 +332,12 @@ class SdpSocket:
             if self._ep is None:
                 self._opts = self._opts.with_sndbuf(int(value))
             return
+        if level == _stdsocket.SOL_SOCKET and optname == _stdsocket.SO_KEEPALIVE:
+            interval = KEEPALIVE_DEFAULT if int(value) else 0.0
+            self._opts = replace(self._opts, keepalive=interval)
+            if self._ep is not None:
+                self._ep.set_keepalive(interval)
+            return
         # Accepted for compatibility; RDMA has no Nagle, and reuse is the CM's business.
         self._sockopts[(level, optname)] = int(value) if not isinstance(value, bytes) else 0
 
@@ -337,6 +348,8 @@ class SdpSocket:
                 return self._opts.recv_bufs * self._opts.recv_buf_size
             if optname == _stdsocket.SO_SNDBUF:
                 return self._opts.send_bufs * self._opts.recv_buf_size
+            if optname == _stdsocket.SO_KEEPALIVE:
+                return int(self._opts.keepalive > 0)
             if optname == _stdsocket.SO_TYPE:
                 return _stdsocket.SOCK_STREAM
             if optname == _stdsocket.SO_ERROR:

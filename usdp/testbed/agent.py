@@ -42,7 +42,7 @@ class AgentClient:
                 time.sleep(0.5)  # retrying a connect to a booting VM: no event to wait on
         else:
             raise TimeoutError(f"host B's agent at {host}:{port} did not answer: {last}")
-        self.sock.settimeout(None)
+        self.sock.settimeout(180)  # every agent call is bounded: a lost link must not hang
         self.file = self.sock.makefile("rwb")
 
     def call(self, **req: Any) -> dict[str, Any]:
