@@ -161,6 +161,7 @@ class RawPeer:
         for i, wc in enumerate(pending):
             if want(wc):
                 return pending.pop(i)
+        armed = False
         while True:
             n, wcs = self.cq.poll(1)
             if n:
@@ -169,17 +170,14 @@ class RawPeer:
                     return wc
                 pending.append(wc)
                 continue
-            self.cq.req_notify()
-            n, wcs = self.cq.poll(1)
-            if n:
-                wc = wcs[0]
-                if want(wc):
-                    return wc
-                pending.append(wc)
+            if not armed:  # arm, then poll once more: closes the poll/arm race
+                self.cq.req_notify()
+                armed = True
                 continue
             wait_fd(self.comp_fd, max(0.0, deadline - time.monotonic()))
             self.comp.get_cq_event(self.cq)
             self.cq.ack_events(1)
+            armed = False
 
     def cm_event(self, timeout: float) -> int:
         """The next CM event's type (e.g. DISCONNECTED after the usdp side aborted)."""
