@@ -29,6 +29,7 @@ from pyverbs.pyverbs_error import PyverbsError
 
 from usdp._errors import Timeout, UsdpError, WouldBlock, error_from_errno
 from usdp._fdfind import CM_CHANNEL, create_with_fd
+from usdp._verbs import RETRY_CNT, RNR_RETRY
 
 EV = ce  # event type constants: EV.RDMA_CM_EVENT_*
 
@@ -154,8 +155,8 @@ def migrate(cmid: CMID, channel: Channel) -> None:
 
 def conn_param(qp_num: int, private_data: bytes, *, accept: bool) -> ConnParam:
     # Responder resources / initiator depth 1: room for one outstanding RDMA read each way
-    # (zero-copy will use it); retry counts bounded for the reasons in _verbs.
-    p = ConnParam(resources=1, depth=1, retry=6, rnr_retry=6, qp_num=qp_num,
+    # (zero-copy uses it); retry counts as in _verbs (which sets them again at RTS).
+    p = ConnParam(resources=1, depth=1, retry=RETRY_CNT, rnr_retry=RNR_RETRY, qp_num=qp_num,
                   data_len=196 if accept else 56)
     p.set_private_data(private_data)
     return p

@@ -21,9 +21,15 @@ class Options:
 
     Attributes:
         keepalive: seconds of silence after which a KEEPALIVE frame probes the peer;
-            a dead peer or link then fails the connection with ETIMEDOUT about half a
-            second (RC retries) later. 0 (the default, as TCP's) turns it off;
-            ``SO_KEEPALIVE`` sets it to ``KEEPALIVE_DEFAULT``.
+            a dead peer or link then fails the connection (ECONNRESET) once the probe
+            has gone ``ack_timeout`` unacknowledged. 0 (the default, as TCP's) turns it
+            off; ``SO_KEEPALIVE`` sets it to ``KEEPALIVE_DEFAULT``.
+        ack_timeout: seconds a send may wait for the peer's transport acknowledgement
+            before the peer is declared dead (ECONNRESET); TCP_USER_TIMEOUT in
+            milliseconds sets it, 0 turns it off. The QP itself retries forever (rxe
+            would otherwise reset connections on 5 % loss or reordering, see
+            ``_verbs.RETRY_CNT``). Only the peer's HCA/kernel must answer, not its
+            program, so a slow reader never trips it; 5 s is ~75 retransmission timeouts.
         zcopy_threshold: sends of at least this many bytes go zero-copy (SrcAvail + the
             peer's RDMA read) once implemented; 0 turns zero-copy off.
         recv_bufs: receive slots posted = credits granted to the peer.
@@ -44,6 +50,7 @@ class Options:
 
     zcopy_threshold: int = 0
     keepalive: float = 0.0
+    ack_timeout: float = 5.0
     recv_bufs: int = 16
     recv_buf_size: int = 64 * 1024
     send_bufs: int = 16
@@ -54,7 +61,9 @@ class Options:
 
     @classmethod
     def from_env(cls) -> Options:
-        return cls(defer=_env_bool("USDP_DEFER", True))
+        ack = os.environ.get("USDP_ACK_TIMEOUT")
+        return cls(defer=_env_bool("USDP_DEFER", True),
+                   ack_timeout=float(ack) if ack else cls.ack_timeout)
 
     def with_rcvbuf(self, nbytes: int) -> Options:
         return replace(self, recv_bufs=max(4, min(4096, nbytes // self.recv_buf_size)))

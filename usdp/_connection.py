@@ -410,7 +410,12 @@ class Connection:
         h = decode_header(frame, max_frame=self.params.max_recv_frame)
         mid = h.mid
         if h.mseq != self._rx_seq:
-            raise _proto(f"{mid.name} has mseq {h.mseq}, expected {self._rx_seq}")
+            why = ""
+            if h.mseq == (self._rx_seq - 1) & 0xFFFFFFFF:
+                # rxe has been seen to deliver one SEND twice under packet duplication.
+                why = " (a repeat of the previous message: replayed by the peer or " \
+                      "delivered twice by the transport)"
+            raise _proto(f"{mid.name} has mseq {h.mseq}, expected {self._rx_seq}{why}")
         if mid in _ZCOPY and not (self.params.zcopy and mid in _ZCOPY_SUPPORTED):
             raise _proto(f"{mid.name} but zero-copy was not negotiated")
         src_avail = self._check_zcopy(mid, h, frame)

@@ -135,12 +135,18 @@ class Endpoint:
 
     def __init__(self, cmid: Any, channel: _cm.Channel, res: QPResources, params: Params,
                  *, defer: bool = True, signal_every: int = 8,
-                 zcopy_threshold: int = 0) -> None:
+                 zcopy_threshold: int = 0, ack_timeout: float = 0.0) -> None:
         self.cmid, self.channel, self.res = cmid, channel, res
         self.zcopy_threshold = zcopy_threshold if params.zcopy else 0
         self._read_status: int | None = None  # of the outstanding RDMA read, once done
         self.keepalive = 0.0  # seconds of silence before a probe; 0: off
         self._last_heard = time.monotonic()  # a frame arrived or a probe went out
+        # The watchdog (see _tick): signaled sends/reads not yet completed, and when the
+        # send queue last made progress (or the first of them was posted).
+        self.ack_timeout = ack_timeout
+        self._sig_out = 0
+        self._ack_since = self._last_post = self._last_heard
+        self._ticking = False
         self._bounce: Ring | None = None
         self.conn = Connection(params)
         self.lock = ConnLock(self._drain, defer=defer, name=f"qp{res.qp_num}")
@@ -171,6 +177,7 @@ class Endpoint:
         p.register(self.res.send_fd, lambda: self._on_comp_event(SEND))
         p.register(self.res.recv_fd, lambda: self._on_comp_event(RECV))
         p.register(self.channel.fd, self._on_cm_event)
+        self._update_ticker()
 
     def _on_comp_event(self, flag: CqPend) -> None:
         """BH: a completion channel fired (runs on the completion thread)."""
@@ -281,6 +288,9 @@ class Endpoint:
 
     def _on_send_wc(self, wc: Any) -> None:
         self.stats.send_completions += 1
+        if self._sig_out:
+            self._sig_out -= 1
+        self._ack_since = time.monotonic()
         if wc.wr_id == READ_WR_ID:
             self._read_status = wc.status
             if wc.status != WC_SUCCESS:
@@ -316,31 +326,62 @@ class Endpoint:
             self._fail(ConnectionReset(errno.ECONNRESET,
                                        "connection reset: the queue pair failed"))
 
-    # ------------------------------------------------------------------ keepalive
+    # ------------------------------------------------------------------ keepalive, watchdog
 
     def set_keepalive(self, interval: float) -> None:
         """Probe the peer after ``interval`` seconds of silence (0 turns it off)."""
         self.keepalive = interval
-        p = progress()
-        if interval > 0:
-            p.add_ticker(self._keepalive_tick)
-        else:
-            p.remove_ticker(self._keepalive_tick)
+        self._update_ticker()
 
-    def _keepalive_tick(self, now: float) -> None:
-        """Completion thread: send a KEEPALIVE frame if the peer has been silent too long.
+    def set_ack_timeout(self, seconds: float) -> None:
+        """Declare the peer dead when a send stays unacknowledged this long (0: never)."""
+        self.ack_timeout = seconds
+        self._update_ticker()
 
-        Its delivery must be acknowledged by the peer's HCA: over a dead link or to a
-        vanished host, RC retries run out (~0.5 s) and the failed send latches ETIMEDOUT,
-        waking every waiter. (A zero-length RDMA write, rsockets' probe, needs an rkey on
-        rxe 6.1.) No probe when credits or send slots lack: the peer then owes us credits
-        for data it has not read, and the probe waits for them. Takes the connection only
-        if nobody holds it: a user call in progress means traffic.
+    def _update_ticker(self) -> None:
+        want = (self.keepalive > 0 or self.ack_timeout > 0) and not self.closed
+        if want != self._ticking:
+            self._ticking = want
+            if want:
+                progress().add_ticker(self._tick)
+            else:
+                progress().remove_ticker(self._tick)
+
+    def _tick(self, now: float) -> None:
+        """Completion thread, every TICK: the watchdog and the probes that feed it.
+
+        The QP retries forever (``RETRY_CNT`` 7, so loss and reordering cannot reset a
+        healthy connection), so a dead peer or link shows only as a signaled send (or RDMA
+        read) that never completes: after ``ack_timeout`` seconds without send-queue
+        progress the connection fails with ECONNRESET, waking every waiter.
+
+        Something signaled must be outstanding for that to see anything, so this posts a
+        signaled KEEPALIVE (a) after ``keepalive`` seconds of silence from the peer, and
+        (b) when the last sends went unsignaled and nothing followed them for a while (a
+        burst that ended between two signaled sends would otherwise never be checked).
+        No probe when credits or send slots lack: the last send before the pool or the
+        credits ran out was signaled, so the watchdog already covers it. Takes the
+        connection only if nobody holds it: a user call in progress means traffic.
         """
         if self.closed or self.conn.error is not None or self.peer_gone:
-            progress().remove_ticker(self._keepalive_tick)
+            self._ticking = False
+            progress().remove_ticker(self._tick)
             return
-        if now - self._last_heard < self.keepalive or not self.lock.lock(timeout=0):
+        if self.ack_timeout and self._sig_out and now - self._ack_since > self.ack_timeout:
+            if self.lock.lock(timeout=0):
+                try:
+                    self._fail(ConnectionReset(
+                        errno.ECONNRESET, f"connection reset: no acknowledgement from the "
+                        f"peer for {self.ack_timeout:g} s (peer or link down)"))
+                    self._update_readiness()
+                finally:
+                    self.lock.unlock()
+            return
+        probe = bool(self.keepalive) and now - self._last_heard >= self.keepalive
+        if self.ack_timeout and self._unsignaled and not self._sig_out \
+                and now - self._last_post >= min(1.0, self.ack_timeout / 4):
+            probe = True
+        if not probe or not self.lock.lock(timeout=0):
             return
         try:
             h = self.conn.keepalive_header() if self.free_send else None
@@ -369,15 +410,24 @@ class Endpoint:
             n += len(payload)
             sview[base + HEADER_SIZE : base + n] = payload
         self._unsignaled += 1
-        signaled = signal or self._unsignaled >= self.signal_every or not self.free_send
+        # Also signal the last send before a wait for slots or credits, so the watchdog
+        # (_tick) covers a sender blocked behind a dead peer.
+        signaled = signal or self._unsignaled >= self.signal_every or not self.free_send \
+            or not self.conn.data_credit_ok()
+        self._last_post = now = time.monotonic()
         if signaled:
             self._unsignaled = 0
+            if not self._sig_out:
+                self._ack_since = now
+            self._sig_out += 1
         self.inflight.append(slot)
         try:
             self.res.post_send(slot, n, signaled)
         except UsdpError as exc:
             self.inflight.pop()
             self.free_send.appendleft(slot)
+            if signaled:
+                self._sig_out -= 1
             self._fail(exc)
             raise
 
@@ -497,8 +547,8 @@ class Endpoint:
             if self._bounce is None:
                 self._bounce = Ring(self.res.dev, 1, BOUNCE_SIZE, e.IBV_ACCESS_LOCAL_WRITE)
             laddr, lkey = self._bounce.addr, self._bounce.lkey
-        # The read itself is bounded by the RC retry timers, not by the socket timeout
-        # (which may be 0 for a non-blocking recv that found these bytes "ready").
+        # The read itself is bounded by the watchdog (ack_timeout), not by the socket
+        # timeout (which may be 0 for a non-blocking recv that found these bytes "ready").
         try:
             self.rdma_read(laddr, chunk.length, lkey, chunk.rkey, chunk.vaddr, None)
         finally:
@@ -518,6 +568,9 @@ class Endpoint:
         """One RDMA read, waited for (owner only); failures latch and raise."""
         self._read_status = None
         self.res.post_read(laddr, length, lkey, rkey, raddr)
+        if not self._sig_out:
+            self._ack_since = time.monotonic()
+        self._sig_out += 1
         ok = self.lock.wait(lambda: self._read_status is not None
                             or self.conn.error is not None, timeout)
         if ok and self._read_status == WC_SUCCESS:
@@ -612,7 +665,7 @@ class Endpoint:
         if self.closed:
             return
         p = progress()
-        p.remove_ticker(self._keepalive_tick)
+        p.remove_ticker(self._tick)
         for fd in (self.res.send_fd, self.res.recv_fd, self.channel.fd):
             p.unregister(fd)
         with self.lock:

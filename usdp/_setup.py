@@ -91,7 +91,7 @@ def connect(dst: _cm.SockAddr, src: str | None, opts: Options,
         res.modify(cmid, e.IBV_QPS_RTS)
         cmid.establish()
         ep = Endpoint(cmid, chan, res, params, defer=opts.defer, signal_every=opts.signal_every,
-                      zcopy_threshold=opts.zcopy_threshold)
+                      zcopy_threshold=opts.zcopy_threshold, ack_timeout=opts.ack_timeout)
         ep.start()
         return ep
     except BaseException:
@@ -175,7 +175,8 @@ class Listener:
             # accept loop take many connections without a round trip each.
             ep = Endpoint(child, chan, res, params, defer=self.opts.defer,
                           signal_every=self.opts.signal_every,
-                          zcopy_threshold=self.opts.zcopy_threshold)
+                          zcopy_threshold=self.opts.zcopy_threshold,
+                          ack_timeout=self.opts.ack_timeout)
             ep.start()
             return ep, peer_addr
         except BaseException:

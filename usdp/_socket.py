@@ -32,6 +32,8 @@ from usdp._errors import (
 #: The address family number the SDP kernel module used, for code that asks for SDP by name.
 AF_INET_SDP = 27
 SHUT_RD, SHUT_WR, SHUT_RDWR = _stdsocket.SHUT_RD, _stdsocket.SHUT_WR, _stdsocket.SHUT_RDWR
+#: Linux's TCP_USER_TIMEOUT (ms): here, how long a send may go unacknowledged by the peer.
+_TCP_USER_TIMEOUT: int = getattr(_stdsocket, "TCP_USER_TIMEOUT", 18)
 _Address = tuple[Any, ...]  # (host, port) or, for AF_INET6, (host, port, flow, scope)
 
 
@@ -338,6 +340,12 @@ class SdpSocket:
             if self._ep is not None:
                 self._ep.set_keepalive(interval)
             return
+        if level == _stdsocket.IPPROTO_TCP and optname == _TCP_USER_TIMEOUT:
+            seconds = max(0, int(value)) / 1000.0
+            self._opts = replace(self._opts, ack_timeout=seconds)
+            if self._ep is not None:
+                self._ep.set_ack_timeout(seconds)
+            return
         # Accepted for compatibility; RDMA has no Nagle, and reuse is the CM's business.
         self._sockopts[(level, optname)] = int(value) if not isinstance(value, bytes) else 0
 
@@ -355,6 +363,8 @@ class SdpSocket:
             if optname == _stdsocket.SO_ERROR:
                 err = self._ep.conn.error if self._ep is not None else None
                 return (err.errno or 0) if err is not None else 0
+        if level == _stdsocket.IPPROTO_TCP and optname == _TCP_USER_TIMEOUT:
+            return round(self._opts.ack_timeout * 1000)
         return self._sockopts.get((level, optname), 0)
 
     def stats(self) -> dict[str, int]:

@@ -10,6 +10,7 @@ throughput printed next to the clean link's is what to compare.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from typing import Any
@@ -25,6 +26,8 @@ pytestmark = pytest.mark.twohost
 NBYTES = 32 << 20
 SEED_A, SEED_B = 11, 22
 PEER = [".venv/bin/python", "tests/rxe/peer_stream.py"]
+# Both ends get the same Options from the environment (e.g. USDP_ACK_TIMEOUT).
+PEER_ENV = {k: v for k, v in os.environ.items() if k.startswith("USDP_ACK")}
 
 
 def connect_b(host_b: HostB, port: int, options: usdp.Options | None = None,
@@ -55,37 +58,55 @@ CONDITIONS: dict[str, dict[str, Any] | None] = {
     "clean": None,
     "loss_1pct": {"loss": 1},
     "loss_5pct": {"loss": 5},
+    # netem's jitter reorders packets unless a rate is set; "in order" is what a jittery
+    # path usually does to one flow, the other is reordering as well.
+    "delay_20ms_jitter_5ms_in_order": {"delay": 20000, "jitter": 5000, "rate": "1gbit"},
     "delay_20ms_jitter_5ms": {"delay": 20000, "jitter": 5000},  # pyroute2: microseconds
     "reorder_25pct": {"delay": 2000, "prob_reorder": 25},  # reordering needs a delay
     "duplicate_5pct": {"duplicate": 5},
 }
+#: Bytes each way per case: 5 % loss runs at ~1/20 of the clean rate here (go-back-N
+#: retransmits everything after each lost packet), so it moves less to stay ~15 s.
+SIZE = {"loss_5pct": 4 << 20}
+
+# Conditions where rxe 6.1's RC itself may give up, so a clean reset is an accepted outcome:
+# - reordering (also what netem's jitter does without a rate) livelocks its go-back-N: each
+#   out-of-order packet draws a sequence NAK and the requester resends from there, so
+#   packets keep flowing (~2000/s in hw_counters) while no work request completes after
+#   the first window. With retry_cnt 6 that ended in IBV_WC_RETRY_EXC_ERR within the first
+#   MiB; with 7 (usdp's setting) usdp's watchdog (ack_timeout) resets the connection.
+# - duplication: in some runs the responder fails a QP with IBV_WC_REM_INV_REQ_ERR (wc
+#   status 9) on a duplicated packet, and in some it hands one SEND to the receive queue
+#   twice, which usdp's message sequence numbers catch (ProtocolError: "CREDIT_UPDATE has
+#   mseq 260, expected 261"); other runs deliver everything.
+# "Clean" means: both ends raise ConnectionResetError, or the ProtocolError of a detected
+# repeat on one end and the reset that its ABORT causes on the other (no hang, no other
+# error), and every byte handed out before that is the stream's true prefix (nothing lost
+# or corrupted silently). Every other condition must deliver both streams in full.
+MAY_RESET = {"delay_20ms_jitter_5ms", "reorder_25pct", "duplicate_5pct"}
 
 
-# Out-of-order arrival (jitter, reordering, and the gaps that 5 % loss leaves) ends the RC
-# connection on rxe with IBV_WC_RETRY_EXC_ERR (wc status 12) within the first MiB, both
-# ways, in every run so far: the transport's retry count (usdp._verbs.RETRY_CNT = 6, the
-# most short of rxe's "forever") runs out on the sequence-error NAKs. usdp reports it
-# cleanly (ConnectionResetError on both ends, no hang), but the stream is not delivered.
-RC_RETRY_EXCEEDED = pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="rxe RC retry count exceeded (wc status 12) under reordering/5 % loss: "
-           "connection reset, stream lost (reported to the lead)")
-XFAIL = {"loss_5pct", "delay_20ms_jitter_5ms", "reorder_25pct"}
+def _clean_reset(side: dict[str, Any], seed_in: int) -> bool:
+    """Both calls failed with a reset, and what arrived is an intact prefix."""
+    errors = [side.get("send_error", ""), side.get("recv_error", "")]
+    resets = all(str(e).startswith(("ConnectionReset", "BrokenPipe")) or "a repeat of the "
+                 "previous message" in str(e) for e in errors if e)
+    return resets and any(errors) and side["rx_sha"] == stream_sha(seed_in, side["received"])
 
 
-@pytest.mark.parametrize("cond", [pytest.param(c, marks=RC_RETRY_EXCEEDED) if c in XFAIL
-                                  else c for c in CONDITIONS])
+@pytest.mark.parametrize("cond", list(CONDITIONS))
 def test_streams_both_ways_under_netem(host_b: HostB, netem: Any, port: int,
                                        cond: str) -> None:
     spec = CONDITIONS[cond]
+    nbytes = SIZE.get(cond, NBYTES)
     if spec is not None:
         netem(spec)
-    pid = host_b.spawn([*PEER, "stream", host_b.addr, str(port), str(NBYTES), str(SEED_B),
-                               str(SEED_A)])
+    pid = host_b.spawn([*PEER, "stream", host_b.addr, str(port), str(nbytes), str(SEED_B),
+                        str(SEED_A)], env=PEER_ENV)
     s = connect_b(host_b, port)
     out: dict[str, object] = {}
     t0 = time.monotonic()
-    sender = threading.Thread(target=pump, args=(s, SEED_A, NBYTES, out))
+    sender = threading.Thread(target=pump, args=(s, SEED_A, nbytes, out))
     sender.start()
     drain(s, out)
     sender.join(120)
@@ -93,13 +114,19 @@ def test_streams_both_ways_under_netem(host_b: HostB, netem: Any, port: int,
     assert not sender.is_alive()
     s.close()
     peer = peer_result(host_b, pid, 120)
-    mbps = 2 * NBYTES / secs / 1e6
-    print(f"\n{cond}: {NBYTES >> 20} MiB each way in {secs:.1f} s = {mbps:.1f} MB/s "
-          f"(both directions); peer {peer['secs']:.1f} s")
-    assert "send_error" not in out and "recv_error" not in out, out
-    assert "send_error" not in peer and "recv_error" not in peer, peer
-    assert out["received"] == NBYTES and out["rx_sha"] == stream_sha(SEED_B, NBYTES)
-    assert peer["received"] == NBYTES and peer["rx_ok"], peer
+    mbps = 2 * nbytes / secs / 1e6
+    print(f"\n{cond}: {nbytes >> 20} MiB each way in {secs:.1f} s = {mbps:.1f} MB/s "
+          f"(both directions); peer {peer['secs']:.1f} s\n  us: {out}\n  peer: {peer}")
+    delivered = "send_error" not in out and "recv_error" not in out \
+        and "send_error" not in peer and "recv_error" not in peer
+    if cond in MAY_RESET and not delivered:
+        print(f"  {cond}: reset by the transport, cleanly (accepted for this condition)")
+        assert _clean_reset(out, SEED_B), out
+        assert _clean_reset(peer, SEED_A), peer
+        return
+    assert delivered, (out, peer)
+    assert out["received"] == nbytes and out["rx_sha"] == stream_sha(SEED_B, nbytes)
+    assert peer["received"] == nbytes and peer["rx_ok"], peer
 
 
 def test_peer_killed_mid_stream(host_b: HostB, port: int) -> None:
@@ -146,6 +173,67 @@ def test_peer_killed_mid_stream(host_b: HostB, port: int) -> None:
     assert "ConnectionReset" in str(out.get("send_error")) or "BrokenPipe" in str(
         out.get("send_error")), out
     assert send_detect < 10.0
+
+
+def test_link_down_mid_stream_fails_both_blocked_calls(host_b: HostB, port: int) -> None:
+    """Host A's side of the link goes down while both directions stream, keepalive off:
+    the watchdog (ack_timeout) fails the blocked send and recv with ConnectionResetError,
+    not an endless block; with the link back, a new connection works."""
+    from usdp.testbed import rxe
+
+    ack_timeout = 2.0
+    pid = host_b.spawn([*PEER, "stream", host_b.addr, str(port), "0", str(SEED_B), "0"])
+    s = connect_b(host_b, port, usdp.Options(ack_timeout=ack_timeout))
+    s.settimeout(None)  # no socket timeout: only the watchdog can end the calls below
+    out: dict[str, Any] = {}
+    sender_done: list[float] = []
+
+    def send_forever() -> None:
+        pump(s, SEED_A, 0, out)
+        sender_done.append(time.monotonic())
+
+    sender = threading.Thread(target=send_forever)
+    sender.start()
+    buf = bytearray(1 << 20)
+    got = 0
+    while got < (2 << 20):  # the stream is flowing both ways
+        n = s.recv_into(buf)
+        assert n
+        got += n
+    rxe.netem("eth0", {"loss": 100})  # everything A sends is lost, acks included
+    down = time.monotonic()
+    err: BaseException | None = None
+    try:
+        try:
+            while s.recv_into(buf):
+                pass
+        except OSError as exc:
+            err = exc
+        recv_detect = time.monotonic() - down
+        sender.join(60)
+    finally:
+        rxe.netem("eth0", None)  # before talking to B's agent, which uses this link
+    assert not sender.is_alive()
+    send_detect = sender_done[0] - down
+    s.close()
+    host_b.kill(pid)
+    host_b.wait(pid, 30)
+    print(f"\nlink down mid-stream: recv saw {err!r} after {recv_detect:.1f} s; send saw "
+          f"{out.get('send_error')} after {send_detect:.1f} s (ack_timeout {ack_timeout} s)")
+    assert isinstance(err, ConnectionResetError) and "no acknowledgement" in str(err), err
+    assert "ConnectionReset" in str(out.get("send_error")), out
+    assert recv_detect < ack_timeout + 5 and send_detect < ack_timeout + 5
+    # Back up: a new connection streams.
+    pid = host_b.spawn([*PEER, "stream", host_b.addr, str(port + 1), str(1 << 20),
+                        str(SEED_B), str(SEED_A)])
+    with connect_b(host_b, port + 1) as s2:
+        out2: dict[str, Any] = {}
+        sender = threading.Thread(target=pump, args=(s2, SEED_A, 1 << 20, out2))
+        sender.start()
+        drain(s2, out2)
+        sender.join(60)
+        assert out2["received"] == 1 << 20 and out2["rx_sha"] == stream_sha(SEED_B, 1 << 20)
+    assert peer_result(host_b, pid, 60)["rx_ok"]
 
 
 def test_connection_storm_against_a_small_backlog(host_b: HostB, port: int) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import json
 import os
 import subprocess
 import sys
@@ -205,8 +206,35 @@ def netem(ifname: str, spec: dict[str, Any] | None, ns: str | None = None) -> No
         idx = ipr.link_lookup(ifname=ifname)[0]
         with contextlib.suppress(Exception):
             ipr.tc("del", index=idx, handle="1:", root=True)
-        if spec:
+        if spec and "rate" in spec:
+            # pyroute2's netem rate encoding is refused by the kernel (ERANGE): use tc.
+            argv = ["tc", "qdisc", "add", "dev", ifname, "root", "handle", "1:", "netem",
+                    "delay", f"{spec.get('delay', 0)}us", f"{spec.get('jitter', 0)}us",
+                    "rate", str(spec["rate"])]
+            if ns:
+                argv = ["ip", "netns", "exec", ns, *argv]
+            subprocess.run(argv, check=True, timeout=30, capture_output=True)
+        elif spec:
             ipr.tc("add", "netem", index=idx, handle="1:", root=True, **spec)
+
+
+def rdma_resources() -> dict[str, int]:
+    """How many QPs, CQs, MRs, PDs and CM ids user processes hold on the RDMA devices, as
+    the kernel's resource tracking sees them (``rdma -j res show KIND``; root for MRs).
+
+    Device-wide on purpose: an object created by a thread that has since exited (an
+    accept thread, say) is listed without a pid, so a per-pid count would miss exactly
+    the leaks worth finding. In the test bed the tests are the only RDMA users. Kernel
+    objects (``comm`` set, no pid: ib_core's GSI QP and the like) are not counted.
+    """
+    counts: dict[str, int] = {}
+    for kind in ("qp", "cq", "mr", "pd", "cm_id"):
+        out = subprocess.run(["rdma", "-j", "res", "show", kind], capture_output=True,
+                             text=True, timeout=30, check=True).stdout
+        rows = json.loads(out or "[]")
+        counts[kind] = sum(1 for r in rows if isinstance(r, dict)
+                           and ("pid" in r or "comm" not in r))
+    return counts
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,138 @@
+"""Resource exhaustion (issue 6): receivers that never read, and thousands of open/close
+cycles. Each test measures the process's fds and its RDMA objects (QPs, CQs, MRs, PDs,
+CM ids, as the kernel's resource tracking counts them) before and after: every one must
+be back at its baseline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket as stdsocket
+import threading
+import time
+
+import usdp
+from tests.rxe.test_socket import TIMEOUT, client, server
+from usdp.testbed.rxe import rdma_resources
+
+
+def _fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def _snapshot() -> dict[str, int]:
+    return {"fd": _fd_count(), **rdma_resources()}
+
+
+def _warm_up(host: str, port: int) -> None:
+    """The device context, PD and completion thread stay for the process's lifetime."""
+    with server(host, port, lambda c: None) as errors, client(host, port) as s:
+        assert s.recv(1) == b""
+    assert not errors, errors
+
+
+def test_receivers_that_never_read_bound_the_senders(host_a: str, port: int) -> None:
+    """Many connections whose receiver never reads: each sender stops once the peer's
+    window is full (no unbounded buffering, no error, no watchdog reset while the peer is
+    alive), every queued byte arrives intact once the receiver reads, and closing all of
+    them returns every fd and RDMA object."""
+    conns = 24
+    opts = usdp.Options(ack_timeout=1.0)  # would reset a stalled-but-alive peer if wrong
+    _warm_up(host_a, port + 1)
+    base = _snapshot()
+    lst = usdp.SdpSocket(options=opts)
+    lst.bind((host_a, port))
+    lst.listen()
+    lst.settimeout(TIMEOUT)
+    clients: list[usdp.SdpSocket] = []
+    accepted: list[usdp.SdpSocket] = []
+    try:
+        acceptor = threading.Thread(
+            target=lambda: accepted.extend(lst.accept()[0] for _ in range(conns)))
+        acceptor.start()  # connect() completes only once the listener accepts
+        for _ in range(conns):
+            clients.append(client(host_a, port, opts))
+        acceptor.join(TIMEOUT)
+        assert len(accepted) == conns
+        during = _snapshot()
+        chunk = os.urandom(256 << 10)
+        queued: list[bytes] = []
+        for c in clients:
+            c.setblocking(False)
+            parts: list[bytes] = []
+            while True:
+                try:
+                    n = c.send(chunk)
+                except BlockingIOError:
+                    break
+                parts.append(chunk[:n])
+            queued.append(b"".join(parts))
+        # Each sender holds at most the peer's window: recv_bufs frames, no more.
+        window = opts.recv_bufs * opts.recv_buf_size
+        sizes = [len(q) for q in queued]
+        assert all(0 < n <= window for n in sizes), sizes
+        # Stalled but alive, for longer than ack_timeout: no reset on either side.
+        probe = clients[0]
+        probe.settimeout(3 * opts.ack_timeout)
+        t0 = time.monotonic()
+        try:
+            probe.recv(1)
+            raise AssertionError("the receiver sent something")
+        except TimeoutError:
+            pass
+        assert time.monotonic() - t0 >= 3 * opts.ack_timeout - 0.1
+        assert all(c.getsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_ERROR) == 0 for c in clients)
+        # The receivers read at last: everything queued arrives, in order.
+        for q, a in zip(queued, accepted, strict=True):
+            a.settimeout(TIMEOUT)
+            got = bytearray()
+            while len(got) < len(q):
+                data = a.recv(len(q) - len(got))
+                assert data
+                got += data
+            assert hashlib.sha256(got).digest() == hashlib.sha256(q).digest()
+    finally:
+        for s in clients + accepted:
+            s.close()
+        lst.close()
+    after = _snapshot()
+    print(f"\n{conns} never-reading receivers: queued {min(sizes)}-{max(sizes)} B each "
+          f"(window {window} B); resources {base} -> during {during} -> after {after}")
+    assert during["qp"] - base["qp"] == 2 * conns and during["cm_id"] > base["cm_id"]
+    assert after == base
+
+
+def test_open_close_cycles_release_everything(host_a: str, port: int) -> None:
+    cycles = int(os.environ.get("USDP_CYCLES", "1000"))
+    opts = usdp.Options(recv_bufs=8, recv_buf_size=8192, send_bufs=8)
+
+    def one_byte(conn: usdp.SdpSocket) -> None:
+        assert conn.recv(1) == b"x"
+
+    def run(count: int) -> None:
+        with server(host_a, port, one_byte, count=count, options=opts) as errors:
+            for _ in range(count):
+                with client(host_a, port, opts) as s:
+                    s.sendall(b"x")
+        assert not errors, errors
+
+    run(20)  # warm up: the device context, the completion thread, allocator pools
+    base, rss = _snapshot(), _rss_kib()
+    t0 = time.monotonic()
+    run(cycles)
+    secs = time.monotonic() - t0
+    after, rss_after = _snapshot(), _rss_kib()
+    print(f"\n{cycles} open/close cycles in {secs:.1f} s: {base} -> {after}, RSS {rss} -> "
+          f"{rss_after} KiB ({(rss_after - rss) / cycles:.2f} KiB per cycle)")
+    assert after == base
+    assert threading.active_count() < 20
+    assert rss_after - rss < 20 * 1024  # KiB; pyverbs 44 leaks ~16 B per send WR
