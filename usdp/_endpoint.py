@@ -37,6 +37,7 @@ from usdp._errors import (
     UsdpError,
     WouldBlock,
 )
+from usdp._liveness import AckWatch, Verdict
 from usdp._lock import ConnLock, CqPend
 from usdp._progress import progress
 from usdp._verbs import (
@@ -139,13 +140,7 @@ class Endpoint:
         self.cmid, self.channel, self.res = cmid, channel, res
         self.zcopy_threshold = zcopy_threshold if params.zcopy else 0
         self._read_status: int | None = None  # of the outstanding RDMA read, once done
-        self.keepalive = 0.0  # seconds of silence before a probe; 0: off
-        self._last_heard = time.monotonic()  # a frame arrived or a probe went out
-        # The watchdog (see _tick): signaled sends/reads not yet completed, and when the
-        # send queue last made progress (or the first of them was posted).
-        self.ack_timeout = ack_timeout
-        self._sig_out = 0
-        self._ack_since = self._last_post = self._last_heard
+        self.liveness = AckWatch(time.monotonic(), ack_timeout)  # see _tick
         self._ticking = False
         self._bounce: Ring | None = None
         self.conn = Connection(params)
@@ -262,7 +257,7 @@ class Endpoint:
             return
         if self.conn.error is not None:
             return
-        self._last_heard = time.monotonic()
+        self.liveness.heard(time.monotonic())
         slot = wc.wr_id
         base = slot * self._rsize
         try:
@@ -288,9 +283,7 @@ class Endpoint:
 
     def _on_send_wc(self, wc: Any) -> None:
         self.stats.send_completions += 1
-        if self._sig_out:
-            self._sig_out -= 1
-        self._ack_since = time.monotonic()
+        self.liveness.completed(time.monotonic())
         if wc.wr_id == READ_WR_ID:
             self._read_status = wc.status
             if wc.status != WC_SUCCESS:
@@ -330,16 +323,16 @@ class Endpoint:
 
     def set_keepalive(self, interval: float) -> None:
         """Probe the peer after ``interval`` seconds of silence (0 turns it off)."""
-        self.keepalive = interval
+        self.liveness.keepalive = interval
         self._update_ticker()
 
     def set_ack_timeout(self, seconds: float) -> None:
         """Declare the peer dead when a send stays unacknowledged this long (0: never)."""
-        self.ack_timeout = seconds
+        self.liveness.ack_timeout = seconds
         self._update_ticker()
 
     def _update_ticker(self) -> None:
-        want = (self.keepalive > 0 or self.ack_timeout > 0) and not self.closed
+        want = self.liveness.active and not self.closed
         if want != self._ticking:
             self._ticking = want
             if want:
@@ -348,45 +341,30 @@ class Endpoint:
                 progress().remove_ticker(self._tick)
 
     def _tick(self, now: float) -> None:
-        """Completion thread, every TICK: the watchdog and the probes that feed it.
+        """Completion thread, every TICK: act on the liveness verdict (``_liveness``).
 
-        The QP retries forever (``RETRY_CNT`` 7, so loss and reordering cannot reset a
-        healthy connection), so a dead peer or link shows only as a signaled send (or RDMA
-        read) that never completes: after ``ack_timeout`` seconds without send-queue
-        progress the connection fails with ECONNRESET, waking every waiter.
-
-        Something signaled must be outstanding for that to see anything, so this posts a
-        signaled KEEPALIVE (a) after ``keepalive`` seconds of silence from the peer, and
-        (b) when the last sends went unsignaled and nothing followed them for a while (a
-        burst that ended between two signaled sends would otherwise never be checked).
-        No probe when credits or send slots lack: the last send before the pool or the
-        credits ran out was signaled, so the watchdog already covers it. Takes the
+        DEAD fails the connection with ECONNRESET, waking every waiter; PROBE posts a
+        signaled KEEPALIVE, unless credits or send slots lack (then the last send before
+        they ran out was signaled, so the watchdog already covers it). Takes the
         connection only if nobody holds it: a user call in progress means traffic.
         """
         if self.closed or self.conn.error is not None or self.peer_gone:
             self._ticking = False
             progress().remove_ticker(self._tick)
             return
-        if self.ack_timeout and self._sig_out and now - self._ack_since > self.ack_timeout:
-            if self.lock.lock(timeout=0):
-                try:
-                    self._fail(ConnectionReset(
-                        errno.ECONNRESET, f"connection reset: no acknowledgement from the "
-                        f"peer for {self.ack_timeout:g} s (peer or link down)"))
-                    self._update_readiness()
-                finally:
-                    self.lock.unlock()
-            return
-        probe = bool(self.keepalive) and now - self._last_heard >= self.keepalive
-        if self.ack_timeout and self._unsignaled and not self._sig_out \
-                and now - self._last_post >= min(1.0, self.ack_timeout / 4):
-            probe = True
-        if not probe or not self.lock.lock(timeout=0):
+        verdict = self.liveness.check(now)
+        if verdict is Verdict.OK or not self.lock.lock(timeout=0):
             return
         try:
+            if verdict is Verdict.DEAD:
+                self._fail(ConnectionReset(
+                    errno.ECONNRESET, f"connection reset: no acknowledgement from the peer "
+                    f"for {self.liveness.ack_timeout:g} s (peer or link down)"))
+                self._update_readiness()
+                return
             h = self.conn.keepalive_header() if self.free_send else None
             if h is not None:
-                self._last_heard = now
+                self.liveness.probed(now)
                 self._post_frame(h, None, signal=True)
         except UsdpError as exc:
             self._fail(exc)
@@ -414,20 +392,16 @@ class Endpoint:
         # (_tick) covers a sender blocked behind a dead peer.
         signaled = signal or self._unsignaled >= self.signal_every or not self.free_send \
             or not self.conn.data_credit_ok()
-        self._last_post = now = time.monotonic()
+        self.liveness.posted(time.monotonic(), signaled)
         if signaled:
             self._unsignaled = 0
-            if not self._sig_out:
-                self._ack_since = now
-            self._sig_out += 1
         self.inflight.append(slot)
         try:
             self.res.post_send(slot, n, signaled)
         except UsdpError as exc:
             self.inflight.pop()
             self.free_send.appendleft(slot)
-            if signaled:
-                self._sig_out -= 1
+            self.liveness.unposted(signaled)
             self._fail(exc)
             raise
 
@@ -568,9 +542,7 @@ class Endpoint:
         """One RDMA read, waited for (owner only); failures latch and raise."""
         self._read_status = None
         self.res.post_read(laddr, length, lkey, rkey, raddr)
-        if not self._sig_out:
-            self._ack_since = time.monotonic()
-        self._sig_out += 1
+        self.liveness.posted(time.monotonic(), True)
         ok = self.lock.wait(lambda: self._read_status is not None
                             or self.conn.error is not None, timeout)
         if ok and self._read_status == WC_SUCCESS:
