@@ -110,7 +110,7 @@ def python_contender(cfg: Config, name: str, server: Place, prog: Progress,
                      modes: list[str], profile: str | None = None,
                      sizes: list[int] | None = None) -> None:
     sizes = sizes or cfg.sizes
-    kind = "usdp" if name.startswith("usdp") else "tcp"
+    kind = "usdp" if name.startswith("usdp") else "rspreload" if name == "rspreload" else "tcp"
     extra = {"usdp-zcopy": ["--zcopy", str(ZCOPY_THRESHOLD)],
              "usdp-nodefer": ["--no-defer"]}.get(name, [])
     env = {"LD_PRELOAD": RSPRELOAD} if name == "rspreload" else {}

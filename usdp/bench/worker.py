@@ -1,6 +1,15 @@
 """One end of a Python socket benchmark: usdp, or ``socket.socket`` (plain TCP, or TCP
 under ``LD_PRELOAD=librspreload.so``, i.e. rsockets). The same code measures all of them.
 
+rsockets needs help from Python (``--kind rspreload``): CPython creates sockets with
+``SOCK_STREAM | SOCK_CLOEXEC``, which ``rsocket()`` refuses (ENOTSUP), so librspreload
+(rdma-core 44) silently falls back to a kernel TCP socket, and CPython accepts with
+``accept4()``, which librspreload does not wrap. So this worker calls libc's ``socket()``
+and ``accept()`` itself (under LD_PRELOAD those are rsockets' wrappers) and wraps the fds
+in ``socket.socket``; every other call (connect, send, recv, poll, ...) goes through
+libc names that librspreload does wrap. ``--kind rspreload`` without the library loaded
+is refused, so the column cannot silently be TCP again.
+
 Run by path (``python usdp/bench/worker.py ...``), not with ``-m``: ``-m usdp.bench.worker``
 would import the usdp package (and pyverbs) into a TCP or rsockets process that does not
 need it. Only the standard library is imported at the top; usdp only for ``--kind usdp``.
@@ -19,6 +28,7 @@ import argparse
 import errno
 import json
 import os
+import select
 import socket
 import statistics
 import struct
@@ -35,12 +45,32 @@ def _options(args: argparse.Namespace) -> Any:
     return usdp.Options(zcopy_threshold=args.zcopy, defer=not args.no_defer)
 
 
+def _libc() -> Any:
+    import ctypes
+
+    if "librspreload" not in os.environ.get("LD_PRELOAD", ""):
+        raise SystemExit("--kind rspreload needs LD_PRELOAD=.../librspreload.so")
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _wrap_fd(fd: int, what: str) -> socket.socket:
+    if fd < 0:
+        import ctypes
+
+        code = ctypes.get_errno()
+        raise OSError(code, f"{what} under librspreload: {os.strerror(code)}")
+    return socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fileno=fd)
+
+
 def _make_socket(args: argparse.Namespace) -> Any:
     if args.kind == "usdp":
         import usdp
 
         return usdp.SdpSocket(options=_options(args))
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if args.kind == "rspreload":  # see the module docstring
+        s = _wrap_fd(_libc().socket(socket.AF_INET, socket.SOCK_STREAM, 0), "socket()")
+    else:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return s
 
@@ -73,6 +103,16 @@ def _read_all(sock: Any) -> bytes:
 # ---------------------------------------------------------------------------- server
 
 
+def _accept(lst: Any, args: argparse.Namespace) -> Any:
+    if args.kind != "rspreload":
+        return lst.accept()[0]
+    # CPython's accept() uses accept4(), which librspreload does not wrap: call accept().
+    r, _, _ = select.select([lst], [], [], args.idle_timeout)  # rselect under rspreload
+    if not r:
+        raise TimeoutError("accept")
+    return _wrap_fd(_libc().accept(lst.fileno(), None, None), "accept()")
+
+
 def serve(args: argparse.Namespace) -> int:
     lst = _make_socket(args)
     if args.kind != "usdp":
@@ -87,7 +127,7 @@ def serve(args: argparse.Namespace) -> int:
     try:
         while True:
             try:
-                conn, _ = lst.accept()
+                conn = _accept(lst, args)
             except TimeoutError:
                 print("worker: no client within the idle timeout", file=sys.stderr)
                 return 2
@@ -227,7 +267,7 @@ def _stop_profiler(p: Any, args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("role", choices=["server", "client"])
-    ap.add_argument("--kind", choices=["usdp", "tcp"], default="usdp",
+    ap.add_argument("--kind", choices=["usdp", "tcp", "rspreload"], default="usdp",
                     help="tcp = socket.socket (rsockets when run under LD_PRELOAD)")
     ap.add_argument("--host", required=True)
     ap.add_argument("--port", type=int, required=True)
