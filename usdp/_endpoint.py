@@ -78,6 +78,7 @@ class EndpointStats:
     zcopy_sends: int = 0
     zcopy_bytes_out: int = 0
     zcopy_reads: int = 0
+    staged_frames: int = 0  # DATA frames filled while out of credits, posted later
 
 
 class Readiness:
@@ -150,6 +151,8 @@ class Endpoint:
         self.inflight: deque[int] = deque()
         self.signal_every = max(1, min(signal_every, res.send_ring.count))
         self._unsignaled = 0
+        self._stage: int | None = None  # a send slot holding DATA bytes not yet posted
+        self._stage_len = 0
         self.peer_gone = False  # CM DISCONNECTED seen
         self._cm_gone_pending = False  # ... and not yet handled by a drain
         self.closing = False
@@ -223,6 +226,8 @@ class Endpoint:
             self._drain_cq(self.res.recv_cq, self._on_recv_wc)
         if self._cm_gone_pending:
             self._handle_peer_gone()
+        if self._stage is not None and self.conn.error is None:
+            self._flush_stage()
         self._send_control()
         self._update_readiness()
 
@@ -387,6 +392,10 @@ class Endpoint:
         if payload is not None:
             n += len(payload)
             sview[base + HEADER_SIZE : base + n] = payload
+        self._post_slot(slot, n, signal)
+
+    def _post_slot(self, slot: int, n: int, signal: bool) -> None:
+        """Post send slot ``slot`` (header and payload in place, ``n`` bytes)."""
         self._unsignaled += 1
         # Also signal the last send before a wait for slots or credits, so the watchdog
         # (_tick) covers a sender blocked behind a dead peer.
@@ -415,7 +424,23 @@ class Endpoint:
             self._post_frame(h, memoryview(payload) if payload else None, signal=True)
 
     def writable(self) -> bool:
-        return bool(self.free_send) and self.conn.data_credit_ok()
+        """``send_some`` would take bytes now: to post (a credit and a slot), or to stage
+        (a spare slot, or room left in the staged frame)."""
+        if self._stage is not None:
+            return self._stage_len < self.conn.max_payload
+        return len(self.free_send) >= 2 or (bool(self.free_send) and self.conn.data_credit_ok())
+
+    def _flush_stage(self) -> None:
+        """Post the staged DATA frame once a credit allows (owner only)."""
+        slot = self._stage
+        if slot is None or not self.conn.data_credit_ok():
+            return
+        self._stage = None
+        n = self._stage_len
+        base = slot * self._ssize
+        pack_header_into(self._sview, base, self.conn.data_header(n))
+        self._post_slot(slot, HEADER_SIZE + n, False)
+        self.stats.staged_frames += 1
 
     def send_some(self, data: memoryview, timeout: float | None = None) -> int:
         """Post as much of ``data`` as credits and buffers allow now (owner only).
@@ -425,13 +450,34 @@ class Endpoint:
         """
         # Not for non-blocking calls: a zero-copy send must wait for the peer's read.
         if self.zcopy_threshold and len(data) >= self.zcopy_threshold and timeout != 0.0:
+            if self._stage is not None:  # staged bytes go first: the stream stays in order
+                self.wait(lambda: self._stage is None or self.conn.error is not None
+                          or self.peer_gone, timeout, "send")
+                self.check_send()
             return self._send_zcopy(data, timeout)
         sent = 0
         maxp = self.conn.max_payload
-        while sent < len(data) and self.writable():
-            n = min(maxp, len(data) - sent)
-            self._post_frame(self.conn.data_header(n), data[sent : sent + n])
-            sent += n
+        self._flush_stage()
+        conn, free = self.conn, self.free_send
+        if self._stage is None:
+            while sent < len(data) and free and conn.data_credit_ok():
+                n = min(maxp, len(data) - sent)
+                self._post_frame(conn.data_header(n), data[sent : sent + n])
+                sent += n
+        # Out of credits: copy the rest into one staged frame, which the drain that brings
+        # a credit posts (SDP's BCopy: a send returns once its bytes are buffered). Small
+        # sends behind a full window then share frames instead of a credit each. One slot
+        # stays free for control frames.
+        if sent < len(data) and conn.error is None:
+            if self._stage is None and len(free) >= 2:
+                self._stage, self._stage_len = free.popleft(), 0
+            if self._stage is not None:
+                n = min(maxp - self._stage_len, len(data) - sent)
+                if n > 0:
+                    pos = self._stage * self._ssize + HEADER_SIZE + self._stage_len
+                    self._sview[pos : pos + n] = data[sent : sent + n]
+                    self._stage_len += n
+                    sent += n
         if sent:
             self._send_control()
             self._update_readiness()
@@ -600,12 +646,17 @@ class Endpoint:
         """Queue DISCONN (our EOF to the peer) and wait until it is posted."""
         if self.conn.error is not None or self.peer_gone:
             return
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if self._stage is not None:  # staged bytes go before our EOF
+            self.lock.wait(lambda: self._stage is None or self.conn.error is not None
+                           or self.peer_gone, timeout)
+            if self._stage is not None:
+                return
         try:
             self.conn.shutdown_write()
         except UsdpError:
             return
         self._send_control()
-        deadline = None if timeout is None else time.monotonic() + timeout
         self.lock.wait(lambda: not self.conn.disconn_pending or self.conn.error is not None
                        or self.peer_gone, None if deadline is None
                        else max(0.0, deadline - time.monotonic()))

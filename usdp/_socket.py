@@ -381,6 +381,7 @@ class SdpSocket:
             "zcopy_sends": ep.stats.zcopy_sends,
             "zcopy_bytes_out": ep.stats.zcopy_bytes_out,
             "zcopy_reads": ep.stats.zcopy_reads,
+            "staged_frames": ep.stats.staged_frames,
             "local_recv_bufs": ep.conn.params.local_recv_bufs,
             "peer_recv_bufs": ep.conn.params.peer_recv_bufs,
             "cq_polls": ep.stats.cq_polls,

@@ -1,8 +1,9 @@
 """Smoke run of the benchmark suite (``scripts/bench``) with a tiny sweep, so that the
-script cannot rot: one size, a fraction of a second per measurement, three contenders
-(usdp, Python TCP across the veth pair, perftest's ib_write_bw). Checks that the JSON, the
-Markdown and the PNG are written and carry a number for every contender. Not a timed
-test: the numbers themselves are not judged."""
+script cannot rot: one size, a fraction of a second per measurement, four contenders
+(usdp, Python TCP across the veth pair, Python on rsockets through librspreload, whose
+worker refuses to run unless it really holds an rsocket, and perftest's ib_write_bw).
+Checks that the JSON, the Markdown and the PNG are written and carry a number for every
+contender. Not a timed test: the numbers themselves are not judged."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-CONTENDERS = ["usdp-bcopy", "tcp", "ib_write_bw"]
+CONTENDERS = ["usdp-bcopy", "tcp", "rspreload", "ib_write_bw"]
 
 
 def test_bench_smoke(rxe_dev: str, host_a: str, tmp_path: Path) -> None:
@@ -35,7 +36,7 @@ def test_bench_smoke(rxe_dev: str, host_a: str, tmp_path: Path) -> None:
     assert not [r for r in doc["results"] if r.get("error")]
     for c in CONTENDERS:
         assert by[(c, "stream")]["bytes_per_s"] > 0, c
-    for c in ("usdp-bcopy", "tcp"):
+    for c in ("usdp-bcopy", "tcp", "rspreload"):
         r = by[(c, "pingpong")]
         assert 0 < r["rtt_p50_us"] <= r["rtt_p99_us"], c
     assert by[("usdp-bcopy", "stream")]["client_stats"]["frames_out"] > 0

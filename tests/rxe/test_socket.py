@@ -176,6 +176,48 @@ def test_slow_reader_stalls_writer_and_loses_nothing(host_a: str, port: int) -> 
     assert not errors, errors
 
 
+def test_small_sends_behind_a_full_window_share_frames(host_a: str, port: int) -> None:
+    """Out of credits, sends are staged into one frame (SDP's BCopy buffering) instead of
+    blocking: small messages then share frames, and the byte stream stays exact,
+    including the staged bytes before EOF."""
+    size, count = 80, 16_000  # 80 divides a frame's payload (65520): no split message
+    data = os.urandom(size * count)
+    go = threading.Event()
+    got = bytearray()
+
+    def read_later(conn: usdp.SdpSocket) -> None:
+        assert go.wait(TIMEOUT)  # the window is full and a frame staged by then
+        while chunk := conn.recv(1 << 20):
+            got.extend(chunk)
+
+    with server(host_a, port, read_later) as errors, client(host_a, port) as s:
+        s.setblocking(False)
+        taken = 0
+        with selectors.DefaultSelector() as sel:
+            sel.register(s, selectors.EVENT_WRITE)
+            while True:  # until credits and the staged frame are used up
+                try:
+                    taken += s.send(data[taken : taken + size])
+                except BlockingIOError:
+                    # Send completions free slots for staging soon; a full window plus
+                    # a full staged frame stays unwritable (bounded wait).
+                    if not sel.select(2.0):
+                        break
+        window = s.stats()
+        go.set()
+        s.settimeout(TIMEOUT)
+        for i in range(taken, len(data), size):
+            s.sendall(data[i : i + size])
+        s.shutdown(stdsocket.SHUT_WR)  # flushes what is still staged, then DISCONN
+        final = s.stats()
+    assert not errors, errors
+    assert bytes(got) == data
+    # One frame per credit (the peer's 16 buffers, one held back), plus one staged frame
+    # that holds up to recv_buf_size - 16 bytes: far more than one message per credit.
+    assert window["frames_out"] <= 16 and taken > 800 * size, (taken, window)
+    assert final["staged_frames"] > 0 and final["frames_out"] < count // 2, final
+
+
 def test_half_close_eof_while_other_direction_works(host_a: str, port: int) -> None:
     def reply_after_eof(conn: usdp.SdpSocket) -> None:
         received = bytearray()
