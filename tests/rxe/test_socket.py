@@ -362,7 +362,8 @@ def test_lock_deferral_counts_events(host_a: str, port: int) -> None:
               f"{r['completions'] / max(1, r['drains']):.1f} completions per drain")
     assert off["deferred"] == 0
     assert on["bh_waits"] == 0  # with deferral the completion thread never sleeps
-    assert on["frames"] >= n and off["frames"] >= n
+    # Staging may put up to 4 of these 16 KiB messages in one 64 KiB frame.
+    assert on["frames"] >= n // 4 and off["frames"] >= n // 4
 
 
 def test_wildcard_listener_and_ephemeral_port(host_a: str) -> None:
