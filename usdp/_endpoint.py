@@ -430,6 +430,15 @@ class Endpoint:
             return self._stage_len < self.conn.max_payload
         return len(self.free_send) >= 2 or (bool(self.free_send) and self.conn.data_credit_ok())
 
+    def can_take(self, nbytes: int) -> bool:
+        """A blocking ``send_some`` of ``nbytes`` would take bytes now (see send_some)."""
+        credit = self.conn.data_credit_ok()
+        if self._stage is not None:
+            return self._stage_len < self.conn.max_payload or credit
+        if credit and self.free_send:
+            return True
+        return nbytes < self.conn.max_payload and len(self.free_send) >= 2
+
     def _flush_stage(self) -> None:
         """Post the staged DATA frame once a credit allows (owner only)."""
         slot = self._stage
@@ -464,11 +473,14 @@ class Endpoint:
                 n = min(maxp, len(data) - sent)
                 self._post_frame(conn.data_header(n), data[sent : sent + n])
                 sent += n
-        # Out of credits: copy the rest into one staged frame, which the drain that brings
-        # a credit posts (SDP's BCopy: a send returns once its bytes are buffered). Small
-        # sends behind a full window then share frames instead of a credit each. One slot
-        # stays free for control frames.
-        if sent < len(data) and conn.error is None:
+        # Out of credits with less than a frame to go: copy it into one staged frame, which
+        # the drain that brings a credit posts (SDP's BCopy: a send returns once its bytes
+        # are buffered). Small sends behind a full window then share frames instead of a
+        # credit each. Whole frames of a blocking call just wait for credits; a
+        # non-blocking call stages one frame (its readiness said writable). One slot stays
+        # free for control frames.
+        if sent < len(data) and conn.error is None \
+                and (self._stage is not None or len(data) - sent < maxp or timeout == 0.0):
             if self._stage is None and len(free) >= 2:
                 self._stage, self._stage_len = free.popleft(), 0
             if self._stage is not None:
@@ -510,15 +522,14 @@ class Endpoint:
         finally:
             mr.close()
 
-    def wait_writable(self, timeout: float | None, what: str) -> None:
-        """Owner waits for a credit and a send buffer; raises the socket's errors.
-
-        A wait caused by missing credits (buffers free) counts one credit stall.
-        """
+    def wait_writable(self, timeout: float | None, what: str, nbytes: int = 1) -> None:
+        """Owner waits until ``send_some`` of ``nbytes`` can take bytes; raises the
+        socket's errors. A wait caused by missing credits counts one credit stall."""
         self.check_send()
-        if self.free_send and not self.writable():
+        ready = self.writable if timeout == 0.0 else lambda: self.can_take(nbytes)
+        if self.free_send and not ready():
             self.conn.can_send_data()  # counts the stall
-        self.wait(lambda: self.writable() or self.conn.error is not None or self.peer_gone,
+        self.wait(lambda: ready() or self.conn.error is not None or self.peer_gone,
                   timeout, what)
         self.check_send()
         if self.peer_gone:

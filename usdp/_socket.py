@@ -201,8 +201,11 @@ class SdpSocket:
         if not mv:
             return 0
         with ep.lock:
-            ep.wait_writable(self._timeout, "send")
-            return ep.send_some(mv, self._timeout)
+            while True:  # a blocking send returns at least one byte
+                ep.wait_writable(self._timeout, "send", len(mv))
+                n = ep.send_some(mv, self._timeout)
+                if n or self._timeout == 0.0:
+                    return n
 
     def sendall(self, data: Any, flags: int = 0) -> None:
         """Send all of ``data``; relocks between batches so completions get drained."""
@@ -210,7 +213,7 @@ class SdpSocket:
         sent = 0
         with ep.lock:
             while sent < len(mv):
-                ep.wait_writable(self._timeout, "sendall")
+                ep.wait_writable(self._timeout, "sendall", len(mv) - sent)
                 sent += ep.send_some(mv[sent:], self._timeout)
                 if sent < len(mv):
                     ep.lock.relock()  # SDP_CONN_RELOCK: drain deferred completions
