@@ -61,7 +61,7 @@ class LocalProc:
             except subprocess.TimeoutExpired:
                 # Seen once: an rstream server stuck in the kernel (rxe teardown) ignored
                 # SIGKILL for >10 s. One stuck process must not end the whole run.
-                print(f"[bench] warning: {self.p.args[0]} (pid {self.p.pid}) still alive "
+                print(f"[bench] warning: pid {self.p.pid} ({self.p.args!r:.60}) still alive "
                       "30 s after SIGKILL; going on", file=sys.stderr, flush=True)
 
     def alive(self) -> bool:
