@@ -31,7 +31,12 @@ class Options:
             ``_verbs.RETRY_CNT``). Only the peer's HCA/kernel must answer, not its
             program, so a slow reader never trips it; 5 s is ~75 retransmission timeouts.
         zcopy_threshold: sends of at least this many bytes go zero-copy (SrcAvail + the
-            peer's RDMA read) once implemented; 0 turns zero-copy off.
+            peer's RDMA read); 0 (the default) turns it off. Measured by scripts/bench,
+            zero-copy beat BCopy only at 4 MiB (1.2-1.7x, one and two hosts) and lost at
+            64 KiB-1 MiB, so 4 MiB is the value to use for bulk transfers. It stays off by
+            default because a zero-copy send that times out must abort the connection
+            (there is no SrcAvailCancel): a drop-in program's ``settimeout`` would turn
+            into connection aborts. See docs/protocol.md section 10.
         recv_bufs: receive slots posted = credits granted to the peer.
         recv_buf_size: bytes per receive slot, header included. 16 x 64 KiB (a 1 MiB
             window) was measured by ``scripts/sweep_buffers.py`` at 0.98 of the best shape
