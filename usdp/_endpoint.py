@@ -226,8 +226,8 @@ class Endpoint:
             self._drain_cq(self.res.recv_cq, self._on_recv_wc)
         if self._cm_gone_pending:
             self._handle_peer_gone()
-        if self._stage is not None and self.conn.error is None:
-            self._flush_stage()
+        if self._stage is not None:
+            self._flush_stage()  # posts only if a credit allows (never after an error)
         self._send_control()
         self._update_readiness()
 

@@ -133,39 +133,52 @@ def test_streams_both_ways_under_netem(host_b: HostB, netem: Any, port: int,
     assert peer["received"] == nbytes and peer["rx_ok"], peer
 
 
+class _EndlessBothWays:
+    """Endless streams both ways on ``s`` (host B's peer runs ``stream ... 0``): a
+    thread sends until its send fails; the constructor returns once 2 MiB came in."""
+
+    def __init__(self, s: usdp.SdpSocket) -> None:
+        self.s = s
+        self.out: dict[str, Any] = {}
+        self.send_done: list[float] = []  # when the sender's send failed
+        self.sender = threading.Thread(target=self._send_forever)
+        self.sender.start()
+        self.buf = bytearray(1 << 20)
+        got = 0
+        while got < (2 << 20):  # the stream is flowing both ways
+            n = s.recv_into(self.buf)
+            assert n
+            got += n
+
+    def _send_forever(self) -> None:
+        pump(self.s, SEED_A, 0, self.out)
+        self.send_done.append(time.monotonic())
+
+    def recv_until_error(self) -> BaseException | None:
+        """Read on until the stream fails (the error) or ends (None)."""
+        try:
+            while self.s.recv_into(self.buf):
+                pass
+        except OSError as exc:
+            return exc
+        return None
+
+
 def test_peer_killed_mid_stream(host_b: HostB, port: int) -> None:
     """SIGKILL of host B's process while both directions stream: our blocked recv and
     send fail with ConnectionResetError (the kernel's CM sends a DREQ for the dead
     process's ids), within a bound; never a hang, never a TimeoutError."""
     pid = host_b.spawn([*PEER, "stream", host_b.addr, str(port), "0", str(SEED_B), "0"])
     s = connect_b(host_b, port)
-    out: dict[str, Any] = {}
-    sender_done: list[float] = []
-
-    def send_forever() -> None:
-        pump(s, SEED_A, 0, out)
-        sender_done.append(time.monotonic())
-
-    sender = threading.Thread(target=send_forever)
-    sender.start()
-    buf = bytearray(1 << 20)
-    got = 0
-    while got < (2 << 20):  # the stream is flowing both ways
-        n = s.recv_into(buf)
-        assert n
-        got += n
+    flow = _EndlessBothWays(s)
+    out = flow.out
     host_b.kill(pid)
     killed = time.monotonic()
-    err: BaseException | None = None
-    try:
-        while s.recv_into(buf):
-            pass
-    except OSError as exc:
-        err = exc
+    err = flow.recv_until_error()
     recv_detect = time.monotonic() - killed
-    sender.join(60)
-    assert not sender.is_alive()
-    send_detect = sender_done[0] - killed
+    flow.sender.join(60)
+    assert not flow.sender.is_alive()
+    send_detect = flow.send_done[0] - killed
     s.close()
     res = host_b.wait(pid, 30)
     print(f"\nkill: recv saw {type(err).__name__ if err else 'EOF'} after "
@@ -189,36 +202,18 @@ def test_link_down_mid_stream_fails_both_blocked_calls(host_b: HostB, port: int)
     pid = host_b.spawn([*PEER, "stream", host_b.addr, str(port), "0", str(SEED_B), "0"])
     s = connect_b(host_b, port, usdp.Options(ack_timeout=ack_timeout))
     s.settimeout(None)  # no socket timeout: only the watchdog can end the calls below
-    out: dict[str, Any] = {}
-    sender_done: list[float] = []
-
-    def send_forever() -> None:
-        pump(s, SEED_A, 0, out)
-        sender_done.append(time.monotonic())
-
-    sender = threading.Thread(target=send_forever)
-    sender.start()
-    buf = bytearray(1 << 20)
-    got = 0
-    while got < (2 << 20):  # the stream is flowing both ways
-        n = s.recv_into(buf)
-        assert n
-        got += n
+    flow = _EndlessBothWays(s)
+    out = flow.out
     rxe.netem("eth0", {"loss": 100})  # everything A sends is lost, acks included
     down = time.monotonic()
-    err: BaseException | None = None
     try:
-        try:
-            while s.recv_into(buf):
-                pass
-        except OSError as exc:
-            err = exc
+        err = flow.recv_until_error()
         recv_detect = time.monotonic() - down
-        sender.join(60)
+        flow.sender.join(60)
     finally:
         rxe.netem("eth0", None)  # before talking to B's agent, which uses this link
-    assert not sender.is_alive()
-    send_detect = sender_done[0] - down
+    assert not flow.sender.is_alive()
+    send_detect = flow.send_done[0] - down
     s.close()
     host_b.kill(pid)
     host_b.wait(pid, 30)
