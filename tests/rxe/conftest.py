@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from usdp.testbed import rxe
+from usdptools.testbed import rxe
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -50,7 +50,7 @@ class HostB:
     """Host B of a two-host bed, reached through its agent: processes and faults there."""
 
     def __init__(self) -> None:
-        from usdp.testbed.agent import AgentClient
+        from usdptools.testbed.agent import AgentClient
 
         self.addr = os.environ["USDP_HOST_B"]
         self.agent = AgentClient(self.addr)

@@ -24,7 +24,7 @@ def test_bench_smoke(rxe_dev: str, host_a: str, tmp_path: Path) -> None:
     out = tmp_path / "bench"
     env = {**os.environ, "MPLCONFIGDIR": str(tmp_path / "mpl")}
     p = subprocess.run(
-        [sys.executable, "-m", "usdp.bench", "--hosts", "1", "--sizes", "4K",
+        [sys.executable, "-m", "usdptools.bench", "--hosts", "1", "--sizes", "4K",
          "--contenders", *CONTENDERS, "--seconds", "0.2", "--stream-bytes", "256K",
          "--lat-iters", "20", "--out", str(out)],
         capture_output=True, text=True, timeout=240, env=env,

@@ -196,7 +196,7 @@ def test_link_down_mid_stream_fails_both_blocked_calls(host_b: HostB, port: int)
     """Host A's side of the link goes down while both directions stream, keepalive off:
     the watchdog (ack_timeout) fails the blocked send and recv with ConnectionResetError,
     not an endless block; with the link back, a new connection works."""
-    from usdp.testbed import rxe
+    from usdptools.testbed import rxe
 
     ack_timeout = 2.0
     pid = host_b.spawn([*PEER, "stream", host_b.addr, str(port), "0", str(SEED_B), "0"])

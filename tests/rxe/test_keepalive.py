@@ -9,7 +9,7 @@ import pytest
 
 import usdp
 from tests.rxe.conftest import HostB
-from usdp.testbed import rxe
+from usdptools.testbed import rxe
 
 
 def test_keepalive_probes_a_live_idle_peer_without_breaking_it(host_a: str, port: int) -> None:

@@ -14,7 +14,7 @@ import time
 
 import usdp
 from tests.rxe.test_socket import TIMEOUT, client, server
-from usdp.testbed.rxe import rdma_resources
+from usdptools.testbed.rxe import rdma_resources
 
 
 def _fd_count() -> int:

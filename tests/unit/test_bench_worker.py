@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from usdp.bench import worker
+from usdptools.bench import worker
 
 
 class _Dribble:

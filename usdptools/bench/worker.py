@@ -10,9 +10,10 @@ in ``socket.socket``; every other call (connect, send, recv, poll, ...) goes thr
 libc names that librspreload does wrap. ``--kind rspreload`` without the library loaded
 is refused, so the column cannot silently be TCP again.
 
-Run by path (``python usdp/bench/worker.py ...``), not with ``-m``: ``-m usdp.bench.worker``
-would import the usdp package (and pyverbs) into a TCP or rsockets process that does not
-need it. Only the standard library is imported at the top; usdp only for ``--kind usdp``.
+Run by path (``python usdptools/bench/worker.py ...``), not with ``-m``:
+``-m usdptools.bench.worker`` would import the usdp package (and pyverbs) into a TCP or
+rsockets process that does not need it.
+Only the standard library is imported at the top; usdp only for ``--kind usdp``.
 
 Protocol, one connection per test: the client sends a 9-byte header (mode ``S`` stream,
 ``P`` ping-pong, ``Q`` quit; size as u64). Stream: the client sends ``size``-byte messages

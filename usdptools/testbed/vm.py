@@ -263,9 +263,9 @@ def _guest_script(spec: HostSpec, hosts: int, env: dict[str, str]) -> str:
     exports = "\n".join(f"export {k}={shlex.quote(v)}" for k, v in sorted(env.items()))
     cmd = spec.command if isinstance(spec.command, str) else shlex.join(spec.command)
     if hosts == 1:
-        up = f"{shlex.quote(str(py))} -m usdp.testbed.rxe up --veth"
+        up = f"{shlex.quote(str(py))} -m usdptools.testbed.rxe up --veth"
     else:
-        up = f"{shlex.quote(str(py))} -m usdp.testbed.rxe up --netdev eth0 --addr {spec.addr}"
+        up = f"{shlex.quote(str(py))} -m usdptools.testbed.rxe up --netdev eth0 --addr {spec.addr}"
     return f"""set -e
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export HOME=/root LANG=C.UTF-8 PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1

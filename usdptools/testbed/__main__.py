@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from usdp.testbed import vm
+from usdptools.testbed import vm
 
 
 def main(argv: list[str] | None = None) -> int:

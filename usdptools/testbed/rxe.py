@@ -12,7 +12,7 @@ Two shapes of link:
   198.18.0.2 (a TCP peer for comparisons). RDMA client and server share the one rxe device.
 * ``--netdev IF --addr A`` (a VM of a two-host bed): rxe on an existing interface.
 
-Run as ``python -m usdp.testbed.rxe up|down|status``.
+Run as ``python -m usdptools.testbed.rxe up|down|status``.
 """
 
 from __future__ import annotations
@@ -238,7 +238,7 @@ def rdma_resources() -> dict[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m usdp.testbed.rxe", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m usdptools.testbed.rxe", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     up = sub.add_parser("up", help="create the test link and the rxe device")

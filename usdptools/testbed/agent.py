@@ -22,7 +22,7 @@ import sys
 import time
 from typing import Any, ClassVar
 
-from usdp.testbed import rxe
+from usdptools.testbed import rxe
 
 AGENT_PORT = 7471
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from usdp.testbed.rxe import PEER_NS
+from usdptools.testbed.rxe import PEER_NS
 
 
 @dataclass
@@ -120,12 +120,12 @@ class RemoteProc:
 
 
 class Remote:
-    """Host B of the two-host bed, through its agent (``usdp.testbed.agent``)."""
+    """Host B of the two-host bed, through its agent (``usdptools.testbed.agent``)."""
 
     name = "B"
 
     def __init__(self, addr: str) -> None:
-        from usdp.testbed.agent import AgentClient
+        from usdptools.testbed.agent import AgentClient
 
         self.addr = addr
         self.agent = AgentClient(addr)

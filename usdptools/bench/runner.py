@@ -1,4 +1,4 @@
-"""``python -m usdp.bench``: every contender, every size, one run, one rxe link.
+"""``python -m usdptools.bench``: every contender, every size, one run, one rxe link.
 
 Run inside the test bed (``scripts/bench`` boots it). Placement:
 
@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from usdp.bench import report
-from usdp.bench.procs import Done, Local, Netns, Place, Remote, client_until_up
+from usdptools.bench import report
+from usdptools.bench.procs import Done, Local, Netns, Place, Remote, client_until_up
 
 WORKER = Path(__file__).with_name("worker.py")
 RSPRELOAD = "/usr/lib/x86_64-linux-gnu/rsocket/librspreload.so"
@@ -381,7 +381,7 @@ def parse_size(s: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m usdp.bench", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m usdptools.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hosts", type=int, choices=[1, 2],
                     default=int(os.environ.get("USDP_HOSTS", "1")))

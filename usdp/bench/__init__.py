@@ -1,2 +1,0 @@
-"""The benchmark suite (``scripts/bench``, ``python -m usdp.bench``): usdp against TCP,
-rsockets (Python under librspreload and C ``rstream``) and perftest, on one rxe link."""

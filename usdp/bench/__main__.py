@@ -1,5 +1,0 @@
-import sys
-
-from usdp.bench.runner import main
-
-sys.exit(main())

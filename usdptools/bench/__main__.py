@@ -1,0 +1,5 @@
+import sys
+
+from usdptools.bench.runner import main
+
+sys.exit(main())
