@@ -49,6 +49,13 @@ class Options:
         signal_every: request a send completion every N sends (pyverbs polls cost per
             completion, so fewer completions is cheaper); always when the pool runs dry.
         linger: seconds ``close`` waits for queued data to reach the peer.
+        busy_poll: the most (seconds) a blocking call busy-polls its CQs before it arms
+            them and sleeps on the completion fds; the engine adapts below it (twice what
+            recent waits took). ``SO_BUSY_POLL`` (microseconds) or ``USDP_BUSY_POLL``
+            (microseconds) set it; 0 never spins. Busy-polling holds the GIL between polls
+            and a core, so it stays short: 1 ms covers a round trip on rxe.
+        nodelay: ``TCP_NODELAY``: no auto-cork (small sends never wait for the completion
+            of an earlier send to share its frame).
         handshake_timeout: bound on each step of connection setup when no socket timeout
             is set.
     """
@@ -63,12 +70,16 @@ class Options:
     signal_every: int = 8
     linger: float = 10.0
     handshake_timeout: float = 30.0
+    busy_poll: float = 0.001
+    nodelay: bool = False
 
     @classmethod
     def from_env(cls) -> Options:
         ack = os.environ.get("USDP_ACK_TIMEOUT")
+        busy = os.environ.get("USDP_BUSY_POLL")
         return cls(defer=_env_bool("USDP_DEFER", True),
-                   ack_timeout=float(ack) if ack else cls.ack_timeout)
+                   ack_timeout=float(ack) if ack else cls.ack_timeout,
+                   busy_poll=float(busy) / 1e6 if busy else cls.busy_poll)
 
     def with_rcvbuf(self, nbytes: int) -> Options:
         return replace(self, recv_bufs=max(4, min(4096, nbytes // self.recv_buf_size)))

@@ -1,202 +1,123 @@
-"""One established usdp connection: verbs resources + sans-I/O ``Connection`` + ``ConnLock``.
+"""One established usdp connection, behind a narrow API: send, recv_into, close, stats.
 
-This is where the pieces meet. Every access to the ``Connection`` and to the rings happens
-while owning the connection's ``ConnLock``: user calls take it in process context, the
-completion thread (``_progress``) takes it through the BH path, or only marks a CQ pending
-when a user call owns it, in which case the user's unlock drains.
+This is where the parts of a connection meet:
 
-``drain`` is the one routine that empties a CQ. For each flagged CQ it polls until empty,
-re-arms (``req_notify``), and polls once more: a completion that slipped in between the
-last poll and the arm would otherwise wait for an event that will never come. Only the
-owner of the lock drains, so a completion is never processed twice; a deferred event's
-flag is consumed exactly once under the lock's mutex, and the CQ stays un-armed until that
-drain, so none is lost.
+* ``Connection`` (``_connection``): credits, sequence numbers, the receive queue (pure);
+* ``Engine`` (``_engine``): the ``ConnLock`` and who polls, arms and sleeps;
+* ``SendPath`` (``_sendpath``): send slots, signaling, solicitation, the cork;
+* ``Zcopy`` (``_zcopy``): SrcAvail out, RDMA reads in;
+* ``Readiness`` (``_readiness``): the fd that select/selectors/asyncio wait on;
+* ``AckWatch`` (``_liveness``): the ack watchdog and keepalive decisions.
+
+Every access to the ``Connection`` and the rings happens while owning the connection's
+``ConnLock``: user calls take it (``send``, ``recv_into``, ...), the completion thread takes
+it through the lock's BH path or, when a user owns the connection or sleeps on it, only
+marks a CQ pending for that user to drain. ``SdpSocket`` and ``usdp.asyncio`` use only the
+public methods below and never touch the lock or the connection.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
-import socket
 import time
-from collections import deque
-from dataclasses import dataclass
 from typing import Any
 
-import pyverbs.enums as e
-
 from usdp import _cm
-from usdp._connection import MAX_ZCOPY, Connection, State
+from usdp._connection import Connection, State
+from usdp._engine import BOTH, RECV, SEND, Engine
 from usdp._errors import (
     BrokenPipe,
     ConnectionReset,
     ProtocolError,
-    RemoteAccessError,
-    Timeout,
     UsdpError,
-    WouldBlock,
+    error_from_errno,
 )
 from usdp._liveness import AckWatch, Verdict
-from usdp._lock import ConnLock, CqPend
 from usdp._progress import progress
-from usdp._verbs import (
-    READ_WR_ID,
-    WC_FLUSH,
-    WC_SUCCESS,
-    QPResources,
-    Ring,
-    UserMR,
-)
-from usdp._wire import HEADER_SIZE, Header, Params, pack_header_into
+from usdp._readiness import Readiness
+from usdp._sendpath import SendPath
+from usdp._signaling import SignalPolicy
+from usdp._verbs import READ_WR_ID, WC_FLUSH, WC_SUCCESS, QPResources
+from usdp._wire import Params
+from usdp._zcopy import Zcopy
 
 log = logging.getLogger("usdp")
 
-#: A recv_into buffer at least this big is registered and RDMA-read into directly;
-#: smaller reads go through a bounce buffer (registration costs more than the copy).
-DIRECT_READ_MIN = 64 * 1024
-BOUNCE_SIZE = 1 << 20
-POLL_BUDGET = 16  # completions per poll call (the kernel's own CQ poller uses 16)
 _PEER_GONE_EVENTS = frozenset({
     _cm.EV.RDMA_CM_EVENT_DISCONNECTED, _cm.EV.RDMA_CM_EVENT_DEVICE_REMOVAL,
     _cm.EV.RDMA_CM_EVENT_CONNECT_ERROR, _cm.EV.RDMA_CM_EVENT_UNREACHABLE,
     _cm.EV.RDMA_CM_EVENT_REJECTED,
 })
-SEND = CqPend.SEND_CQ_PEND
-RECV = CqPend.RECV_CQ_PEND
-
-
-@dataclass
-class EndpointStats:
-    """Progress-engine counters (see ``SdpSocket.stats``)."""
-
-    cq_polls: int = 0
-    completions: int = 0
-    recv_completions: int = 0
-    send_completions: int = 0
-    cm_events: int = 0
-    zcopy_sends: int = 0
-    zcopy_bytes_out: int = 0
-    zcopy_reads: int = 0
-    staged_frames: int = 0  # DATA frames filled while out of credits, posted later
-
-
-class Readiness:
-    """A real fd whose poll state follows the socket, for select/selectors/asyncio.
-
-    One end of a Unix socketpair. *Readable* is made by writing a byte from the other end
-    and cleared by reading it back. *Writable* is cleared by filling our send buffer (a
-    stream socketpair stops being writable when the peer's queue holds our sndbuf's worth)
-    and restored by draining the other end. Only state changes cost system calls.
-    """
-
-    def __init__(self) -> None:
-        self.ours, self.other = socket.socketpair()
-        for s in (self.ours, self.other):
-            s.setblocking(False)
-        self.ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)  # kernel minimum
-        self.readable = False
-        self.writable = True
-
-    def fileno(self) -> int:
-        return self.ours.fileno()
-
-    def set(self, readable: bool, writable: bool) -> None:
-        if readable != self.readable:
-            if readable:
-                self.other.send(b"r")
-            else:
-                _drain_socket(self.ours)
-            self.readable = readable
-        if writable != self.writable:
-            if writable:
-                _drain_socket(self.other)
-            else:
-                try:
-                    while True:
-                        self.ours.send(b"\0" * 4096)
-                except BlockingIOError:
-                    pass
-            self.writable = writable
-
-    def close(self) -> None:
-        self.ours.close()
-        self.other.close()
-
-
-def _drain_socket(s: socket.socket) -> None:
-    try:
-        while s.recv(65536):
-            pass
-    except BlockingIOError:
-        pass
+#: Corked sends between two polls of the CQs by a sending owner (the cork's flush needs
+#: the completion of a signaled send; a sender that never waits must look for it).
+CORK_POLL_EVERY = 16
+#: Default most a wait busy-polls before sleeping (Options.busy_poll).
+BUSY_POLL = 0.001
 
 
 class Endpoint:
-    """An established connection's data path."""
+    """An established connection's data path (see the module docstring)."""
 
     def __init__(self, cmid: Any, channel: _cm.Channel, res: QPResources, params: Params,
                  *, defer: bool = True, signal_every: int = 8,
-                 zcopy_threshold: int = 0, ack_timeout: float = 0.0) -> None:
+                 zcopy_threshold: int = 0, ack_timeout: float = 0.0,
+                 busy_poll: float = BUSY_POLL) -> None:
         self.cmid, self.channel, self.res = cmid, channel, res
         self.zcopy_threshold = zcopy_threshold if params.zcopy else 0
-        self._read_status: int | None = None  # of the outstanding RDMA read, once done
         self.liveness = AckWatch(time.monotonic(), ack_timeout)  # see _tick
         self._ticking = False
-        self._bounce: Ring | None = None
         self.conn = Connection(params)
-        self.lock = ConnLock(self._drain, defer=defer, name=f"qp{res.qp_num}")
-        self.stats = EndpointStats()
-        self.free_send: deque[int] = deque(range(res.send_ring.count))
-        self.inflight: deque[int] = deque()
-        self.signal_every = max(1, min(signal_every, res.send_ring.count))
-        self._unsignaled = 0
-        self._stage: int | None = None  # a send slot holding DATA bytes not yet posted
-        self._stage_len = 0
+        policy = SignalPolicy(every=max(1, min(signal_every, res.send_ring.count)))
+        self.sp = SendPath(res, self.conn, self.liveness, policy, fail=self._fail,
+                           on_flush=self._on_flush)
+        self.engine = Engine(
+            res, defer=defer, solicited_only=params.solicited, busy_poll=busy_poll,
+            on_send_wc=self._on_send_wc, on_recv_wc=self._on_recv_wc, after=self._after,
+            send_events_needed=self.sp.needs_completion,
+            sends_outstanding=lambda: self.sp.outstanding() or self.zc.reading,
+            eager=lambda: self.readiness is not None, name=f"qp{res.qp_num}")
+        self.lock = self.engine.lock
+        self.zc = Zcopy(res, self.conn, self.sp, self.liveness,
+                        wait=self._wait_bool, fail=self._fail, abort=self.abort,
+                        peer_gone=lambda: self.peer_gone)
         self.peer_gone = False  # CM DISCONNECTED seen
         self._cm_gone_pending = False  # ... and not yet handled by a drain
         self.closing = False
         self.closed = False
         self.readiness: Readiness | None = None
+        self._recv_completions = 0
+        self._send_completions = 0
+        self._cm_events = 0
+        self._corked_sends = 0
         self._rsize = res.recv_ring.size
-        self._ssize = res.send_ring.size
         self._rview = res.recv_ring.view
-        self._sview = res.send_ring.view
 
     # ------------------------------------------------------------------ start / stop
 
     def start(self) -> None:
-        """Arm both CQs, drain whatever already arrived, and hand the fds to the BH."""
+        """Take whatever already arrived, arm, and hand the fds to the completion thread."""
         p = progress()
-        with self.lock:
-            self.res.send_cq.req_notify()
-            self.res.recv_cq.req_notify()
-            self._drain(SEND | RECV)
-        p.register(self.res.send_fd, lambda: self._on_comp_event(SEND))
-        p.register(self.res.recv_fd, lambda: self._on_comp_event(RECV))
+        p.register(self.res.send_fd, lambda: self.engine.on_fd(SEND), edge=True)
+        p.register(self.res.recv_fd, lambda: self.engine.on_fd(RECV), edge=True)
         p.register(self.channel.fd, self._on_cm_event)
+        with self.lock:
+            self.engine.poll_all()
         self._update_ticker()
 
-    def _on_comp_event(self, flag: CqPend) -> None:
-        """BH: a completion channel fired (runs on the completion thread)."""
-        if self.closed:
-            return
-        self.res.take_event(send=flag is SEND)
-        # bh_event + drain + bh_unlock; if the drain raises, the flag is pending again.
-        self.lock.bh_handle(flag, timeout=5.0)
-
     def _on_cm_event(self) -> None:
-        """BH: the connection's own CM channel fired (DISCONNECTED, mostly)."""
+        """Completion thread: the connection's own CM channel fired (DISCONNECTED, mostly)."""
         if self.closed:
             return
         ev = self.channel.get(0)
-        self.stats.cm_events += 1
+        self._cm_events += 1
         if ev.type in _PEER_GONE_EVENTS:
-            # The BH never sleeps behind a user call: record the event and go through the
-            # lock's BH path for both CQs. Whoever drains (now, or the owner's unlock)
-            # takes the completions still in the CQs first, then handles the disconnect.
+            # The completion thread never sleeps behind a user call: record the event and
+            # go through the lock's BH path for both CQs. Whoever drains (now, the owner's
+            # unlock, or a sleeper woken for it) takes the completions still in the CQs
+            # first, then handles the disconnect.
             self._cm_gone_pending = True
-            self.lock.bh_handle(SEND | RECV, timeout=5.0)
+            self.lock.bh_handle(BOTH, timeout=5.0, wake_sleepers=True)
         else:
             log.debug("qp%d: CM event %s ignored", self.res.qp_num, ev.name)
 
@@ -211,48 +132,19 @@ class Endpoint:
                                            "connection reset: peer disconnected"))
         self.res.to_error()
 
-    # ------------------------------------------------------------------ draining
+    # ------------------------------------------------------------------ completions
 
-    def _drain(self, flags: CqPend) -> None:
-        """Poll, re-arm, poll again (called only by the lock's owner)."""
-        if self.closed:
-            return
-        # Send CQ first: when the QP fails, the cause (retries exhausted, a remote access
-        # error on an RDMA read) is a send-queue completion, and the receive queue only
-        # shows the flushes that follow; the first error latched is the one reported.
-        if flags & SEND:
-            self._drain_cq(self.res.send_cq, self._on_send_wc)
-        if flags & RECV:
-            self._drain_cq(self.res.recv_cq, self._on_recv_wc)
+    def _after(self) -> None:
+        """After completions were processed (owner): disconnect, cork, control, readiness."""
         if self._cm_gone_pending:
             self._handle_peer_gone()
-        if self._stage is not None:
-            self._flush_stage()  # posts only if a credit allows (never after an error)
-        self._send_control()
+        if self.sp.cork is not None:
+            self.sp.flush_cork()  # posts only if due and a credit allows (never after an error)
+        self.sp.send_control()
         self._update_readiness()
 
-    def _drain_cq(self, cq: Any, handle: Any) -> None:
-        poll = self.res.poll
-        st = self.stats
-        while True:
-            wcs = poll(cq, POLL_BUDGET)
-            st.cq_polls += 1
-            if len(wcs) < POLL_BUDGET:
-                cq.req_notify()
-                more = poll(cq, POLL_BUDGET)  # close the poll/arm race
-                st.cq_polls += 1
-                wcs.extend(more)
-                if not more:
-                    for wc in wcs:
-                        handle(wc)
-                    st.completions += len(wcs)
-                    return
-            for wc in wcs:
-                handle(wc)
-            st.completions += len(wcs)
-
     def _on_recv_wc(self, wc: Any) -> None:
-        self.stats.recv_completions += 1
+        self._recv_completions += 1
         if wc.status != WC_SUCCESS:
             if wc.status == WC_FLUSH:
                 self._on_flush()
@@ -287,31 +179,12 @@ class Endpoint:
             self.conn.recv_reposted(posted)
 
     def _on_send_wc(self, wc: Any) -> None:
-        self.stats.send_completions += 1
-        self.liveness.completed(time.monotonic())
+        self._send_completions += 1
         if wc.wr_id == READ_WR_ID:
-            self._read_status = wc.status
-            if wc.status != WC_SUCCESS:
-                self._fail(self._read_error(wc.status))
+            self.liveness.completed(time.monotonic())
+            self.zc.on_read_wc(wc)
             return
-        if wc.status == WC_FLUSH:
-            self._on_flush()
-        elif wc.status == e.IBV_WC_RETRY_EXC_ERR:
-            # As a reset (the documented outcome of a dead peer), with the real reason.
-            self._fail(ConnectionReset(errno.ECONNRESET, "connection reset: transport retries "
-                                       "exhausted (peer or link down, or heavy loss or "
-                                       "reordering on the link)"))
-        elif wc.status != WC_SUCCESS:
-            self._fail(ConnectionReset(errno.ECONNRESET,
-                                       f"send failed (wc status {wc.status})"))
-        # Sends complete in order: this one frees every unsignaled slot before it too.
-        slot = wc.wr_id
-        inflight = self.inflight
-        while inflight:
-            s = inflight.popleft()
-            self.free_send.append(s)
-            if s == slot:
-                break
+        self.sp.on_send_wc(wc)
 
     def _on_flush(self) -> None:
         """A flushed WR is a consequence: the QP went to error for a reason found elsewhere
@@ -319,10 +192,15 @@ class Endpoint:
         the send CQ before calling it a reset, so the error reported is the real one."""
         if self.conn.error is not None or self.closing or self.peer_gone:
             return
-        self._drain_cq(self.res.send_cq, self._on_send_wc)
+        self.engine.poll_send()
         if self.conn.error is None and not self.peer_gone:
             self._fail(ConnectionReset(errno.ECONNRESET,
                                        "connection reset: the queue pair failed"))
+
+    def _fail(self, exc: UsdpError) -> None:
+        log.debug("qp%d: %s", self.res.qp_num, exc)
+        self.conn.fail(exc)
+        self.res.to_error()
 
     # ------------------------------------------------------------------ keepalive, watchdog
 
@@ -335,6 +213,14 @@ class Endpoint:
         """Declare the peer dead when a send stays unacknowledged this long (0: never)."""
         self.liveness.ack_timeout = seconds
         self._update_ticker()
+
+    def set_nodelay(self, on: bool) -> None:
+        """``TCP_NODELAY``: no auto-cork; a cork already open goes out with the next send."""
+        self.sp.nodelay = on
+
+    def set_busy_poll(self, seconds: float) -> None:
+        """``SO_BUSY_POLL``: the most a blocking call busy-polls before it sleeps."""
+        self.engine.busy_poll = max(0.0, seconds)
 
     def _update_ticker(self) -> None:
         want = self.liveness.active and not self.closed
@@ -367,187 +253,101 @@ class Endpoint:
                     f"for {self.liveness.ack_timeout:g} s (peer or link down)"))
                 self._update_readiness()
                 return
-            h = self.conn.keepalive_header() if self.free_send else None
+            h = self.conn.keepalive_header() if self.sp.free else None
             if h is not None:
                 self.liveness.probed(now)
-                self._post_frame(h, None, signal=True)
+                self.sp.post_frame(h, None, control=True)
         except UsdpError as exc:
             self._fail(exc)
         finally:
             self.lock.unlock()
 
-    def _fail(self, exc: UsdpError) -> None:
-        log.debug("qp%d: %s", self.res.qp_num, exc)
-        self.conn.fail(exc)
-        self.res.to_error()
-
     # ------------------------------------------------------------------ sending
 
-    def _post_frame(self, h: Header, payload: memoryview | None, *, signal: bool = False) -> None:
-        slot = self.free_send.popleft()
-        base = slot * self._ssize
-        sview = self._sview
-        pack_header_into(sview, base, h)
-        n = HEADER_SIZE
-        if payload is not None:
-            n += len(payload)
-            sview[base + HEADER_SIZE : base + n] = payload
-        self._post_slot(slot, n, signal)
+    def send(self, data: memoryview, timeout: float | None) -> int:
+        """``socket.send``: take some of ``data``; a blocking call takes at least a byte."""
+        with self.lock:
+            while True:
+                self._wait_writable(timeout, "send", len(data))
+                n = self._send_some(data, timeout)
+                if n or timeout == 0.0:
+                    return n
 
-    def _post_slot(self, slot: int, n: int, signal: bool) -> None:
-        """Post send slot ``slot`` (header and payload in place, ``n`` bytes)."""
-        self._unsignaled += 1
-        # Also signal the last send before a wait for slots or credits, so the watchdog
-        # (_tick) covers a sender blocked behind a dead peer.
-        signaled = signal or self._unsignaled >= self.signal_every or not self.free_send \
-            or not self.conn.data_credit_ok()
-        self.liveness.posted(time.monotonic(), signaled)
-        if signaled:
-            self._unsignaled = 0
-        self.inflight.append(slot)
-        try:
-            self.res.post_send(slot, n, signaled)
-        except UsdpError as exc:
-            self.inflight.pop()
-            self.free_send.appendleft(slot)
-            self.liveness.unposted(signaled)
-            self._fail(exc)
-            raise
+    def sendall(self, data: memoryview, timeout: float | None) -> None:
+        """``socket.sendall``: take all of ``data`` (``timeout`` bounds each wait)."""
+        sent = 0
+        with self.lock:
+            while sent < len(data):
+                self._wait_writable(timeout, "sendall", len(data) - sent)
+                sent += self._send_some(data[sent:], timeout)
+                if sent < len(data) and self.lock.has_waiters:
+                    self.lock.relock()  # SDP_CONN_RELOCK: let a waiting thread in
 
-    def _send_control(self) -> None:
-        """Send queued DISCONN / credit updates while a send slot is free."""
-        while self.free_send and self.conn.error is None:
-            frame = self.conn.next_control_frame()
-            if frame is None:
-                return
-            h, payload = frame
-            self._post_frame(h, memoryview(payload) if payload else None, signal=True)
-
-    def writable(self) -> bool:
-        """``send_some`` would take bytes now: to post (a credit and a slot), or to stage
-        (a spare slot, or room left in the staged frame)."""
-        if self._stage is not None:
-            return self._stage_len < self.conn.max_payload
-        return len(self.free_send) >= 2 or (bool(self.free_send) and self.conn.data_credit_ok())
-
-    def can_take(self, nbytes: int) -> bool:
-        """A blocking ``send_some`` of ``nbytes`` would take bytes now (see send_some)."""
-        credit = self.conn.data_credit_ok()
-        if self._stage is not None:
-            return self._stage_len < self.conn.max_payload or credit
-        if credit and self.free_send:
-            return True
-        return nbytes < self.conn.max_payload and len(self.free_send) >= 2
-
-    def _flush_stage(self) -> None:
-        """Post the staged DATA frame once a credit allows (owner only)."""
-        slot = self._stage
-        if slot is None or not self.conn.data_credit_ok():
-            return
-        self._stage = None
-        n = self._stage_len
-        base = slot * self._ssize
-        pack_header_into(self._sview, base, self.conn.data_header(n))
-        self._post_slot(slot, HEADER_SIZE + n, False)
-        self.stats.staged_frames += 1
-
-    def send_some(self, data: memoryview, timeout: float | None = None) -> int:
-        """Post as much of ``data`` as credits and buffers allow now (owner only).
-
-        At or above the zero-copy threshold the bytes are not copied: they are advertised
-        (SrcAvail) and this returns once the peer has RDMA-read them (``timeout``).
-        """
+    def _send_some(self, data: memoryview, timeout: float | None) -> int:
+        """Post, cork or zero-copy as much of ``data`` as possible now (owner only)."""
         # Not for non-blocking calls: a zero-copy send must wait for the peer's read.
         if self.zcopy_threshold and len(data) >= self.zcopy_threshold and timeout != 0.0:
-            if self._stage is not None:  # staged bytes go first: the stream stays in order
-                self.wait(lambda: self._stage is None or self.conn.error is not None
-                          or self.peer_gone, timeout, "send")
-                self.check_send()
-            return self._send_zcopy(data, timeout)
-        sent = 0
-        maxp = self.conn.max_payload
-        self._flush_stage()
-        conn, free = self.conn, self.free_send
-        if self._stage is None:
-            while sent < len(data) and free and conn.data_credit_ok():
-                n = min(maxp, len(data) - sent)
-                self._post_frame(conn.data_header(n), data[sent : sent + n])
-                sent += n
-        # Out of credits with less than a frame to go: copy it into one staged frame, which
-        # the drain that brings a credit posts (SDP's BCopy: a send returns once its bytes
-        # are buffered). Small sends behind a full window then share frames instead of a
-        # credit each. Whole frames of a blocking call just wait for credits; a
-        # non-blocking call stages one frame (its readiness said writable). One slot stays
-        # free for control frames.
-        if sent < len(data) and conn.error is None \
-                and (self._stage is not None or len(data) - sent < maxp or timeout == 0.0):
-            if self._stage is None and len(free) >= 2:
-                self._stage, self._stage_len = free.popleft(), 0
-            if self._stage is not None:
-                n = min(maxp - self._stage_len, len(data) - sent)
-                if n > 0:
-                    pos = self._stage * self._ssize + HEADER_SIZE + self._stage_len
-                    self._sview[pos : pos + n] = data[sent : sent + n]
-                    self._stage_len += n
-                    sent += n
-        if sent:
-            self._send_control()
+            if self.sp.cork is not None:  # corked bytes go first: the stream stays in order
+                self.wait(lambda: self.sp.cork is None or self._broken(), timeout, "send")
+                self._check_send()
+            return self.zc.send(data, timeout)
+        n = self.sp.send_bcopy(data, timeout == 0.0)
+        if self.sp.cork is not None:
+            self._corked_sends += 1
+            if self._corked_sends % CORK_POLL_EVERY == 0:
+                self.engine.poll_all()  # the completion that flushes the cork
+        if n:
+            self.sp.send_control()
             self._update_readiness()
-        return sent
+        return n
 
-    def _send_zcopy(self, data: memoryview, timeout: float | None) -> int:
-        """SrcAvail -> the peer's RDMA read -> RdmaRdCompl; the buffer is ours again after.
-
-        The registration with remote-read rights lives exactly as long as the transfer: the
-        rkey is dead once this returns. A peer that does not answer within ``timeout``
-        gets the connection aborted (the stream cannot be resumed consistently).
-        """
-        n = min(len(data), MAX_ZCOPY)
-        mr = UserMR(self.res.dev, data[:n], e.IBV_ACCESS_REMOTE_READ)
-        try:
-            h, payload = self.conn.src_avail_frame(n, mr.rkey, mr.addr)
-            self._post_frame(h, memoryview(payload), signal=True)
-            self.stats.zcopy_sends += 1
-            done = self.lock.wait(lambda: not self.conn.zcopy_outstanding
-                                  or self.conn.error is not None or self.peer_gone, timeout)
-            if not done:
-                self._fail(Timeout(errno.ETIMEDOUT, "zero-copy send: the peer did not read "
-                                   "the advertised buffer in time; connection aborted"))
-                self.abort()
-            self.check_send()
-            if self.conn.zcopy_outstanding:
-                raise BrokenPipe(errno.EPIPE, "peer disconnected during a zero-copy send")
-            self.stats.zcopy_bytes_out += n
-            return n
-        finally:
-            mr.close()
-
-    def wait_writable(self, timeout: float | None, what: str, nbytes: int = 1) -> None:
-        """Owner waits until ``send_some`` of ``nbytes`` can take bytes; raises the
+    def _wait_writable(self, timeout: float | None, what: str, nbytes: int = 1) -> None:
+        """Owner waits until ``_send_some`` of ``nbytes`` can take bytes; raises the
         socket's errors. A wait caused by missing credits counts one credit stall."""
-        self.check_send()
-        ready = self.writable if timeout == 0.0 else lambda: self.can_take(nbytes)
-        if self.free_send and not ready():
+        self._check_send()
+        sp = self.sp
+        ready = sp.writable if timeout == 0.0 else lambda: sp.can_take(nbytes)
+        if ready():
+            return
+        if sp.free:
             self.conn.can_send_data()  # counts the stall
-        self.wait(lambda: ready() or self.conn.error is not None or self.peer_gone,
-                  timeout, what)
-        self.check_send()
+        self.wait(lambda: ready() or self._broken(), timeout, what)
+        self._check_send()
         if self.peer_gone:
             raise BrokenPipe(errno.EPIPE, "Broken pipe (peer disconnected)")
 
-    def check_send(self) -> None:
+    def _broken(self) -> bool:
+        return self.conn.error is not None or self.peer_gone or self.closed
+
+    def _check_send(self) -> None:
         err = self.conn.error
         if err is not None:
             raise err
-        if self.closing:
+        if self.closing or self.closed:
             raise BrokenPipe(errno.EPIPE, "socket is closing")
 
     # ------------------------------------------------------------------ receiving
 
-    def recv_into(self, out: memoryview, timeout: float | None = None) -> int:
-        """Copy queued bytes into ``out`` (owner only); 0 means EOF if ``conn.eof``."""
+    def recv_into(self, out: memoryview, timeout: float | None) -> int:
+        """``socket.recv_into``: wait for bytes, EOF or an error; 0 means EOF."""
+        with self.lock:
+            self.wait(self._recv_ready, timeout, "recv")
+            if self.conn.readable:
+                return self._recv_some(out)
+            err = self.conn.error
+            if err is not None and not self.conn.eof:
+                raise err
+            if self.closed:
+                raise error_from_errno(errno.EBADF, "socket closed while receiving")
+            return 0  # EOF (or peer gone after an orderly close)
+
+    def _recv_some(self, out: memoryview) -> int:
+        """Copy queued bytes into ``out`` (owner only)."""
         if self.conn.head_is_remote:
-            return self._recv_remote(out)
+            n = self.zc.recv_remote(out)
+            self.sp.send_control()
+            self._update_readiness()
+            return n
         chunks = self.conn.consume(len(out))
         pos = 0
         rview, rsize = self._rview, self._rsize
@@ -557,127 +357,128 @@ class Endpoint:
             pos += c.length
         if chunks:
             self._repost()
-            self._send_control()
+            self.sp.send_control()
             self._update_readiness()
         return pos
 
-    def _recv_remote(self, out: memoryview) -> int:
-        """RDMA-read advertised bytes: straight into ``out`` when it is large, else through
-        a registered bounce buffer and one copy."""
-        direct = len(out) >= DIRECT_READ_MIN
-        want = len(out) if direct else min(len(out), BOUNCE_SIZE)
-        chunk = self.conn.consume_remote(want)
-        assert chunk is not None
-        dest: UserMR | None = None
-        if direct:
-            # Registered for this read only: a cached registration would have to keep the
-            # caller's buffer exported (pinned), and a bytearray could then not be resized.
-            dest = UserMR(self.res.dev, out[: chunk.length], e.IBV_ACCESS_LOCAL_WRITE)
-            laddr, lkey = dest.addr, dest.lkey
-        else:
-            if self._bounce is None:
-                self._bounce = Ring(self.res.dev, 1, BOUNCE_SIZE, e.IBV_ACCESS_LOCAL_WRITE)
-            laddr, lkey = self._bounce.addr, self._bounce.lkey
-        # The read itself is bounded by the watchdog (ack_timeout), not by the socket
-        # timeout (which may be 0 for a non-blocking recv that found these bytes "ready").
-        try:
-            self.rdma_read(laddr, chunk.length, lkey, chunk.rkey, chunk.vaddr, None)
-        finally:
-            if dest is not None:
-                dest.close()
-        if not direct:
-            assert self._bounce is not None
-            out[: chunk.length] = self._bounce.view[: chunk.length]
-        self.conn.remote_read_done(chunk)
-        self.stats.zcopy_reads += 1
-        self._send_control()
-        self._update_readiness()
-        return chunk.length
-
-    def rdma_read(self, laddr: int, length: int, lkey: int, rkey: int, raddr: int,
-                  timeout: float | None) -> None:
-        """One RDMA read, waited for (owner only); failures latch and raise."""
-        self._read_status = None
-        self.res.post_read(laddr, length, lkey, rkey, raddr)
-        self.liveness.posted(time.monotonic(), True)
-        ok = self.lock.wait(lambda: self._read_status is not None
-                            or self.conn.error is not None, timeout)
-        if ok and self._read_status == WC_SUCCESS:
-            return
-        if self.conn.error is None:
-            self._fail(Timeout(errno.ETIMEDOUT, "RDMA read timed out"))
-        assert self.conn.error is not None
-        raise self.conn.error
-
-    def _read_error(self, status: int) -> UsdpError:
-        exc: UsdpError
-        if status == e.IBV_WC_REM_ACCESS_ERR:
-            exc = RemoteAccessError(errno.EREMOTEIO, "RDMA read of the peer's advertised "
-                                    "buffer failed: remote access error (bad rkey, address "
-                                    "or length)")
-        else:
-            exc = ConnectionReset(errno.ECONNRESET, f"RDMA read failed (wc status {status})")
-        log.error("qp%d: %s", self.res.qp_num, exc)
-        return exc
-
-    def recv_ready(self) -> bool:
-        return self.conn.readable > 0 or self.conn.eof or self.conn.error is not None \
-            or self.peer_gone
+    def _recv_ready(self) -> bool:
+        return self.conn.readable > 0 or self.conn.eof or self._broken()
 
     # ------------------------------------------------------------------ waiting
 
     def wait(self, predicate: Any, timeout: float | None, what: str) -> None:
-        """Owner waits (lock released meanwhile) until predicate; errors per socket rules."""
-        if timeout == 0.0:
-            if not predicate():
-                raise WouldBlock(errno.EAGAIN, f"{what} would block")
-            return
-        if not self.lock.wait(predicate, timeout):
-            raise Timeout(errno.ETIMEDOUT, f"timed out: {what}")
+        """Owner waits (polling, then sleeping on the fds) until ``predicate()``; raises
+        ``WouldBlock`` (timeout 0) or ``Timeout``."""
+        self.engine.wait(predicate, timeout, what)
+
+    def _wait_bool(self, predicate: Any, timeout: float | None) -> bool:
+        try:
+            self.engine.wait(predicate, timeout, "zero-copy")
+        except TimeoutError:
+            return False
+        return True
 
     # ------------------------------------------------------------------ readiness
 
-    def readiness_fd(self) -> int:
+    def fileno(self) -> int:
+        """The readiness fd (created on first use; from then on CQs are armed eagerly)."""
         if self.readiness is None:
             with self.lock:
                 self.readiness = Readiness()
                 self._update_readiness()
         return self.readiness.fileno()
 
+    readiness_fd = fileno
+
     def _update_readiness(self) -> None:
         r = self.readiness
         if r is None:
             return
         broken = self.conn.error is not None or self.peer_gone
-        r.set(self.recv_ready() or broken, broken or self.writable())
+        r.set(self._recv_ready() or broken, broken or self.sp.writable())
+
+    # ------------------------------------------------------------------ state, stats
+
+    @property
+    def error(self) -> UsdpError | None:
+        """The latched error (``SO_ERROR``), if any."""
+        return self.conn.error
+
+    def stats(self) -> dict[str, int]:
+        """Counters of the progress engine, the lock and the protocol."""
+        ls = self.lock.stats()
+        es = self.engine.stats
+        cs = self.conn.stats
+        return {
+            "channel_events": es.cq_events,
+            "bh_events": ls.events,
+            "drains_deferred": ls.deferred,
+            "drains_bh": ls.bh_drains,
+            "drains_unlock": ls.unlock_drains,
+            "bh_waits": ls.bh_waits,
+            "arms": es.arms,
+            "busy_polls": es.busy_polls,
+            "sleeps": es.sleeps,
+            "arm_timers": es.arm_timers,
+            "zcopy_sends": self.zc.sends,
+            "zcopy_bytes_out": self.zc.bytes_out,
+            "zcopy_reads": self.zc.reads,
+            "staged_frames": self.sp.cork_frames,
+            "local_recv_bufs": self.conn.params.local_recv_bufs,
+            "peer_recv_bufs": self.conn.params.peer_recv_bufs,
+            "cq_polls": es.cq_polls,
+            "completions": es.completions,
+            "recv_completions": self._recv_completions,
+            "send_completions": self._send_completions,
+            "cm_events": self._cm_events,
+            "credit_stalls": cs.credit_stalls,
+            "credit_updates_sent": cs.credit_updates_sent,
+            "frames_in": cs.frames_in,
+            "frames_out": cs.frames_out,
+            "bytes_in": cs.bytes_in,
+            "bytes_out": cs.bytes_out,
+        }
 
     # ------------------------------------------------------------------ closing
 
     def shutdown_write(self, timeout: float | None) -> None:
-        """Queue DISCONN (our EOF to the peer) and wait until it is posted."""
+        """Queue DISCONN (our EOF to the peer) after any corked bytes; wait until posted."""
+        with self.lock:
+            self._shutdown_write_owned(timeout)
+
+    def _shutdown_write_owned(self, timeout: float | None) -> None:
         if self.conn.error is not None or self.peer_gone:
             return
         deadline = None if timeout is None else time.monotonic() + timeout
-        if self._stage is not None:  # staged bytes go before our EOF
-            self.lock.wait(lambda: self._stage is None or self.conn.error is not None
-                           or self.peer_gone, timeout)
-            if self._stage is not None:
+        if self.sp.cork is not None:  # corked bytes go before our EOF
+            self._wait_quiet(lambda: self.sp.flush_cork(force=True) or self._broken(),
+                             timeout)
+            if self.sp.cork is not None:
                 return
         try:
             self.conn.shutdown_write()
         except UsdpError:
             return
-        self._send_control()
-        self.lock.wait(lambda: not self.conn.disconn_pending or self.conn.error is not None
-                       or self.peer_gone, None if deadline is None
-                       else max(0.0, deadline - time.monotonic()))
+        self.sp.send_control()
+        self._wait_quiet(lambda: not self.conn.disconn_pending or self._broken(),
+                         None if deadline is None else max(0.0, deadline - time.monotonic()))
+
+    def _wait_quiet(self, predicate: Any, timeout: float | None) -> bool:
+        """Wait for ``predicate``; False on timeout instead of raising (close paths)."""
+        try:
+            self.engine.wait(predicate, timeout, "close")
+        except (TimeoutError, BlockingIOError):
+            return False
+        return True
 
     def abort(self) -> None:
         """Send ABORT (best effort) and latch the error (owner only)."""
         h = self.conn.abort_header()
-        if h is not None and self.free_send:
-            with contextlib.suppress(UsdpError):
-                self._post_frame(h, None, signal=True)
+        if h is not None and self.sp.free:
+            try:
+                self.sp.post_frame(h, None, control=True)
+            except UsdpError:
+                pass
         self._update_readiness()
 
     def close(self, linger: float) -> None:
@@ -686,11 +487,10 @@ class Endpoint:
             if self.closed:
                 return
             if self.conn.error is None and not self.peer_gone:
-                self.shutdown_write(linger)
+                self._shutdown_write_owned(linger)
                 # Every posted send must complete before the QP goes, or queued bytes die
                 # (the last frame, DISCONN, is always signaled, so inflight empties).
-                self.lock.wait(lambda: not self.inflight or self.conn.error is not None
-                               or self.peer_gone, linger)
+                self._wait_quiet(lambda: not self.sp.inflight or self._broken(), linger)
             self.closing = True
         progress().call(self._destroy)
 
@@ -704,6 +504,7 @@ class Endpoint:
             p.unregister(fd)
         with self.lock:
             self.closed = True
+            self.engine.closed = True
             try:
                 self.cmid.disconnect()
             except Exception:
@@ -711,9 +512,9 @@ class Endpoint:
             self.res.to_error()
             if self.readiness is not None:
                 self.readiness.set(True, True)
-        self._rview = self._sview = memoryview(b"")
-        if self._bounce is not None:
-            self._bounce.close()
+        self._rview = memoryview(b"")
+        self.sp.release_views()
+        self.zc.close()
         self.res.close()
         try:
             self.cmid.close()

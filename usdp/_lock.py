@@ -81,6 +81,7 @@ return holding it.
 from __future__ import annotations
 
 import enum
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -135,6 +136,7 @@ class LockStats:
             taking the lock back) had to sleep because the connection was owned.
         bh_waits: times ``bh_event`` with ``defer=False`` had to sleep behind an owner.
         generation: the current generation (see :meth:`ConnLock.notify`).
+        sleeps: times an owner gave the connection up to sleep on its fds (:meth:`sleep`).
     """
 
     events: int
@@ -144,6 +146,7 @@ class LockStats:
     lock_waits: int
     bh_waits: int
     generation: int
+    sleeps: int = 0
 
 
 class _Released(NamedTuple):
@@ -152,6 +155,7 @@ class _Released(NamedTuple):
     generation: int
     acquisitions: int
     waiters: int
+    slept: bool = False
 
 
 class ConnLock:
@@ -169,12 +173,19 @@ class ConnLock:
             and the completion thread always polls. The switch exists to measure the
             seed's claim; leave it on.
         name: shown in ``repr`` and error messages.
+        leave: called by the owner on every release path once no flag is pending, just
+            before ownership is dropped: the progress engine arms its CQs there (or
+            schedules the arming), so that whenever nobody is inside every CQ is armed or
+            about to be. It may poll (completions found then are processed by the owner);
+            flags set meanwhile are drained before ownership goes.
     """
 
     def __init__(
-        self, drain: Callable[[CqPend], None], *, defer: bool = True, name: str = ""
+        self, drain: Callable[[CqPend], None], *, defer: bool = True, name: str = "",
+        leave: Callable[[], None] | None = None,
     ) -> None:
         self._drain = drain
+        self._leave = leave
         self._defer = defer
         self._name = name
         # The seed's spinlock. Held only for a few statements, never across a drain or a
@@ -191,6 +202,11 @@ class ConnLock:
         self._acquisitions = 0  # ownership hand-outs, so relock can see someone got in
         self._lock_waiters = 0  # threads sleeping until users == 0
         self._yielders = 0  # relock calls waiting for a waiter to get in first
+        # Wake fds (eventfds) of threads that gave the connection up to sleep on its
+        # completion fds (sleep()). Written, and the list emptied, whenever the
+        # generation moves: a sleeper's poll() then returns.
+        self._sleepers: list[int] = []
+        self._sleeps = 0
         self._events = 0
         self._deferred = 0
         self._bh_drains = 0
@@ -251,6 +267,7 @@ class ConnLock:
                 lock_waits=self._lock_waits,
                 bh_waits=self._bh_waits,
                 generation=self._generation,
+                sleeps=self._sleeps,
             )
 
     def __repr__(self) -> str:
@@ -388,6 +405,58 @@ class ConnLock:
         with self._mutex:
             self._generation += 1
             self._cond.notify_all()
+            self._wake_sleepers_locked()
+
+    def take_pending(self) -> CqPend:
+        """The owner takes (and clears) the pending flags because it polls every CQ now.
+
+        Meant for an owner that is about to poll both CQs anyway: the deferred events are
+        consumed by that poll instead of by a second one at release.
+        """
+        with self._mutex:
+            flags, self._pending = self._pending, _NO_FLAGS
+            return flags
+
+    @property
+    def has_waiters(self) -> bool:
+        """True if a thread is waiting to take the connection (a busy-polling owner yields).
+
+        Read without the mutex: a hint, never a decision that needs to be exact.
+        """
+        return self._lock_waiters > 0
+
+    def sleep(self, block: Callable[[float | None], None], wake_fd: int, seen: int,
+              deadline: float | None) -> bool:
+        """The owner gives the connection up and sleeps in ``block`` (``sk_wait_event``
+        on the completion fds themselves), then takes it back.
+
+        The release runs the deferred drains and the leave hook as :meth:`unlock` does
+        (the caller has armed its CQs before). In the mutex section that drops ownership
+        the caller registers ``wake_fd`` (an eventfd) as a sleeper, but only if the
+        generation is still ``seen`` plus this release's own bump: any change made since
+        the caller last looked means "do not sleep". From then on every generation bump
+        (a release by another thread, :meth:`notify`) writes ``wake_fd``, and a CQ event
+        that the completion thread sees becomes a pending flag, not a drain by the
+        completion thread. ``block(timeout)`` must wait on the CQ fds and ``wake_fd`` with
+        the GIL released, and return when any is readable.
+
+        Returns:
+            True if it slept, False if a change seen on the way made sleeping pointless.
+            Either way the caller owns the connection again on return.
+        """
+        self._check_caller_owns("sleep")
+        released = self._release(stop=None, keep_on_error=True, sleeper=(wake_fd, seen))
+        assert released is not None
+        slept = released.slept
+        try:
+            if slept:
+                block(_remaining(deadline))
+        finally:
+            with self._mutex:
+                if wake_fd in self._sleepers:
+                    self._sleepers.remove(wake_fd)
+                self._acquire_locked(None, bh=False)
+        return slept
 
     def __enter__(self) -> ConnLock:
         self.lock()
@@ -403,12 +472,15 @@ class ConnLock:
 
     # -------------------------------------------------- completion thread (BH)
 
-    def bh_event(self, flag: CqPend, timeout: float | None = None) -> bool:
+    def bh_event(self, flag: CqPend, timeout: float | None = None, *,
+                 wake_sleepers: bool = False) -> bool:
         """Reports a CQ event from the completion thread (``SDP_CONN_LOCK_BH``).
 
-        With deferral on and the connection owned, this sets ``flag`` pending and returns
-        False without blocking. The caller must then neither poll nor re-arm that CQ (it
-        still acknowledges the event), and the owner drains it when it releases. Otherwise
+        With deferral on and the connection owned, or slept on by a thread in
+        :meth:`sleep` (which polls the same completion fds and will drain when it wakes),
+        this sets ``flag`` pending and returns False without blocking. The caller must then
+        neither poll nor re-arm that CQ (nor read its event), and the owner drains it when it
+        releases. Otherwise
         the caller becomes the owner and gets True: it must drain the CQ and then call
         :meth:`bh_unlock`.
 
@@ -420,6 +492,8 @@ class ConnLock:
         Args:
             flag: which CQ raised the event (one or both bits).
             timeout: only used with ``defer=False``: seconds to wait for the owner.
+            wake_sleepers: also wake the sleepers when deferring to them (for an event they
+                do not poll for themselves, such as a CM event).
 
         Returns:
             True if the caller now owns the connection and must drain.
@@ -438,9 +512,11 @@ class ConnLock:
                     f"{self._label()}: bh_event(defer=False) by the owner would deadlock"
                 )
             self._events += 1
-            if self._users and self._defer:
+            if self._defer and (self._users or self._sleepers):
                 self._pending |= flag
                 self._deferred += 1
+                if wake_sleepers and not self._users:
+                    self._wake_sleepers_locked()
                 return False
             if self._acquire_locked(timeout, bh=True):
                 self._bh_drains += 1
@@ -462,7 +538,8 @@ class ConnLock:
         self._check_caller_owns("bh_unlock")
         self._release(stop=None, keep_on_error=False)
 
-    def bh_handle(self, flag: CqPend, timeout: float | None = None) -> bool:
+    def bh_handle(self, flag: CqPend, timeout: float | None = None, *,
+                  wake_sleepers: bool = False) -> bool:
         """Does the usual completion-thread sequence: :meth:`bh_event`, drain, :meth:`bh_unlock`.
 
         Returns:
@@ -472,7 +549,7 @@ class ConnLock:
             The errors of :meth:`bh_event`, and whatever ``drain`` raised. In that case
             ``flag`` is pending again and ownership is given up without draining further.
         """
-        if not self.bh_event(flag, timeout):
+        if not self.bh_event(flag, timeout, wake_sleepers=wake_sleepers):
             return False
         try:
             self._drain(flag)
@@ -532,32 +609,60 @@ class ConnLock:
                 return
             self._cond.wait(remaining)
 
-    def _disown_locked(self) -> _Released:
-        """Drops ownership, bumps the generation, wakes everyone. Mutex held."""
+    def _disown_locked(self, sleeper: tuple[int, int] | None = None) -> _Released:
+        """Drops ownership, bumps the generation, wakes everyone. Mutex held.
+
+        ``sleeper`` is ``(wake_fd, seen)`` from :meth:`sleep`: registered after the wake-up
+        (so it does not wake itself) if nothing changed since ``seen``.
+        """
         waiters = self._lock_waiters
         self._users -= 1
         self._owner = None
         self._generation += 1
         self._cond.notify_all()
-        return _Released(self._generation, self._acquisitions, waiters)
+        self._wake_sleepers_locked()
+        slept = False
+        if sleeper is not None and self._generation == sleeper[1] + 1:
+            self._sleepers.append(sleeper[0])
+            self._sleeps += 1
+            slept = True
+        return _Released(self._generation, self._acquisitions, waiters, slept)
 
-    def _release(self, *, stop: Callable[[], bool] | None, keep_on_error: bool) -> _Released | None:
+    def _wake_sleepers_locked(self) -> None:
+        """Wakes every thread in :meth:`sleep` (mutex held; a write per sleeper)."""
+        if self._sleepers:
+            for fd in self._sleepers:
+                os.eventfd_write(fd, 1)
+            self._sleepers.clear()
+
+    def _release(self, *, stop: Callable[[], bool] | None, keep_on_error: bool,
+                 sleeper: tuple[int, int] | None = None) -> _Released | None:
         """The ``tcp_release_cb`` loop, run by the owner.
 
         Takes and clears all pending flags in one mutex section, drains them outside it
-        while still owning, and repeats. Ownership is dropped in the mutex section that
-        finds no flag. Returns what that section saw, or None if ``stop()`` became true
-        after a drain, in which case the caller still owns the connection.
+        while still owning, and repeats. With no flag left it runs the leave hook once
+        (outside the mutex, still owning), and drops ownership in the mutex section that
+        finds no flag after it. Returns what that section saw, or None if ``stop()``
+        became true after a drain or the hook, in which case the caller still owns the
+        connection.
         """
+        left = self._leave is None
         while True:
             with self._mutex:
                 flags = self._pending
-                if not flags:
-                    return self._disown_locked()
+                if not flags and left:
+                    return self._disown_locked(sleeper)
                 self._pending = _NO_FLAGS
-                self._unlock_drains += 1
+                if flags:
+                    self._unlock_drains += 1
             try:
-                self._drain(flags)
+                if flags:
+                    self._drain(flags)
+                    left = self._leave is None
+                else:
+                    assert self._leave is not None
+                    self._leave()
+                    left = True
             except BaseException:
                 with self._mutex:
                     self._pending |= flags

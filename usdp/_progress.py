@@ -10,6 +10,12 @@ Why one thread for all connections: a thread per connection would cost a stack a
 context switch per event each, and under the GIL they could not run in parallel anyway.
 One epoll loop scales to thousands of connections and keeps the event order per fd.
 
+Timers (``schedule``) serve the progress engine's *arming delay*: a connection that a user
+left with an un-armed CQ (because the user polls it itself and will likely be back) is
+armed here a little later if nobody came back by then, as OFED SDP's
+``SDP_RX_ARMING_DELAY`` does. Scheduling costs a write to the wake pipe only when the new
+deadline is earlier than the one the thread sleeps until.
+
 Connections are torn down *on this thread* (``call``): the thread may be between
 ``epoll`` returning an fd and the handler reading from it, and destroying a channel under
 it would be a use-after-free in C.
@@ -18,6 +24,8 @@ it would be a use-after-free in C.
 from __future__ import annotations
 
 import contextlib
+import heapq
+import itertools
 import logging
 import os
 import select
@@ -40,6 +48,10 @@ class ProgressThread:
         self._handlers: dict[int, Callable[[], None]] = {}
         self._calls: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
         self._tickers: set[Callable[[float], None]] = set()
+        self._timers: list[tuple[float, int, Callable[[], None]]] = []
+        self._timer_seq = itertools.count()
+        self._timer_lock = threading.Lock()
+        self._wait_until = float("inf")  # when the loop's current epoll wait ends
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._epoll.register(self._wake_r, select.EPOLLIN)
         self._thread = threading.Thread(target=self._run, name="usdp-bh", daemon=True)
@@ -49,10 +61,25 @@ class ProgressThread:
     def on_thread(self) -> bool:
         return threading.current_thread() is self._thread
 
-    def register(self, fd: int, handler: Callable[[], None]) -> None:
-        """Call ``handler()`` on this thread whenever ``fd`` is readable."""
+    def register(self, fd: int, handler: Callable[[], None], *, edge: bool = False) -> None:
+        """Call ``handler()`` on this thread whenever ``fd`` is readable.
+
+        With ``edge`` the fd is watched edge-triggered: the handler runs once per new event
+        written to it, and may leave the event unread (for a user thread that owns or
+        sleeps on the connection to read) without the loop spinning on it.
+        """
         self._handlers[fd] = handler
-        self._epoll.register(fd, select.EPOLLIN)
+        self._epoll.register(fd, select.EPOLLIN | (select.EPOLLET if edge else 0))
+
+    def schedule(self, when: float, fn: Callable[[], None]) -> None:
+        """Call ``fn()`` on this thread at ``time.monotonic()`` ``when``, or a little later."""
+        with self._timer_lock:
+            heapq.heappush(self._timers, (when, next(self._timer_seq), fn))
+            wake = when < self._wait_until
+            if wake:
+                self._wait_until = when
+        if wake:
+            os.write(self._wake_w, b"s")
 
     def unregister(self, fd: int) -> None:
         """Only on this thread (inside ``call``), so no handler runs for a closed fd."""
@@ -78,14 +105,34 @@ class ProgressThread:
     def remove_ticker(self, tick: Callable[[float], None]) -> None:
         self._tickers.discard(tick)
 
+    def _run_timers(self) -> None:
+        now = time.monotonic()
+        while True:
+            with self._timer_lock:
+                if not self._timers or self._timers[0][0] > now:
+                    return
+                _, _, fn = heapq.heappop(self._timers)
+            try:
+                fn()
+            except Exception:
+                log.exception("timer callback failed")
+
     def _run(self) -> None:
         next_tick = time.monotonic() + TICK
         while True:
-            timeout = max(0.0, next_tick - time.monotonic()) if self._tickers else -1
+            until = next_tick if self._tickers else float("inf")
+            with self._timer_lock:
+                if self._timers:
+                    until = min(until, self._timers[0][0])
+                self._wait_until = until
+            timeout = -1.0 if until == float("inf") else max(0.0, until - time.monotonic())
             try:
                 ready = self._epoll.poll(timeout)
             except InterruptedError:
                 continue
+            with self._timer_lock:
+                self._wait_until = -1.0  # awake: a new timer needs no pipe write
+            self._run_timers()
             if self._tickers and time.monotonic() >= next_tick:
                 now = time.monotonic()
                 next_tick = now + TICK

@@ -41,7 +41,8 @@ log = logging.getLogger("usdp")
 def _hello(opts: Options, kind: HandshakeKind) -> Hello:
     # Every usdp peer can *receive* zero-copy (it costs nothing until a SrcAvail comes);
     # whether it *sends* that way is its own zcopy_threshold.
-    return Hello(kind, opts.recv_bufs, opts.recv_buf_size, opts.recv_buf_size, Features.ZCOPY)
+    return Hello(kind, opts.recv_bufs, opts.recv_buf_size, opts.recv_buf_size,
+                 Features.ZCOPY | Features.SOLICIT)
 
 
 def _dev_name(cmid: Any) -> str:
@@ -91,7 +92,8 @@ def connect(dst: _cm.SockAddr, src: str | None, opts: Options,
         res.modify(cmid, e.IBV_QPS_RTS)
         cmid.establish()
         ep = Endpoint(cmid, chan, res, params, defer=opts.defer, signal_every=opts.signal_every,
-                      zcopy_threshold=opts.zcopy_threshold, ack_timeout=opts.ack_timeout)
+                      zcopy_threshold=opts.zcopy_threshold, ack_timeout=opts.ack_timeout,
+                      busy_poll=opts.busy_poll)
         ep.start()
         return ep
     except BaseException:
@@ -176,7 +178,8 @@ class Listener:
             ep = Endpoint(child, chan, res, params, defer=self.opts.defer,
                           signal_every=self.opts.signal_every,
                           zcopy_threshold=self.opts.zcopy_threshold,
-                          ack_timeout=self.opts.ack_timeout)
+                          ack_timeout=self.opts.ack_timeout,
+                          busy_poll=self.opts.busy_poll)
             ep.start()
             return ep, peer_addr
         except BaseException:

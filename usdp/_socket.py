@@ -34,6 +34,8 @@ AF_INET_SDP = 27
 SHUT_RD, SHUT_WR, SHUT_RDWR = _stdsocket.SHUT_RD, _stdsocket.SHUT_WR, _stdsocket.SHUT_RDWR
 #: Linux's TCP_USER_TIMEOUT (ms): here, how long a send may go unacknowledged by the peer.
 _TCP_USER_TIMEOUT: int = getattr(_stdsocket, "TCP_USER_TIMEOUT", 18)
+#: Linux's SO_BUSY_POLL (microseconds): here, the most a blocking call busy-polls.
+_SO_BUSY_POLL: int = getattr(_stdsocket, "SO_BUSY_POLL", 46)
 _Address = tuple[Any, ...]  # (host, port) or, for AF_INET6, (host, port, flow, scope)
 
 
@@ -164,8 +166,7 @@ class SdpSocket:
         ep, addr = self._listener.accept(self._timeout)
         s = SdpSocket(self.family, options=self._opts)
         s._ep, s._peer = ep, addr
-        if self._opts.keepalive:
-            ep.set_keepalive(self._opts.keepalive)
+        s._apply_options(ep)
         # As socket.socket: an accepted socket is blocking, or has the default timeout.
         s._timeout = _stdsocket.getdefaulttimeout()
         return s, addr
@@ -183,8 +184,15 @@ class SdpSocket:
         self._ep = _setup.connect((host, port), src, self._opts,
                                   self._timeout if self._timeout else None)
         self._peer = _cm.peer_addr(self._ep.cmid)
+        self._apply_options(self._ep)
+
+    def _apply_options(self, ep: Endpoint) -> None:
+        """Socket options set before the connection existed."""
         if self._opts.keepalive:
-            self._ep.set_keepalive(self._opts.keepalive)
+            ep.set_keepalive(self._opts.keepalive)
+        if self._opts.nodelay:
+            ep.set_nodelay(True)
+        ep.set_busy_poll(self._opts.busy_poll)
 
     def connect_ex(self, address: _Address) -> int:
         try:
@@ -200,23 +208,12 @@ class SdpSocket:
         ep, mv = self._send_target(data)
         if not mv:
             return 0
-        with ep.lock:
-            while True:  # a blocking send returns at least one byte
-                ep.wait_writable(self._timeout, "send", len(mv))
-                n = ep.send_some(mv, self._timeout)
-                if n or self._timeout == 0.0:
-                    return n
+        return ep.send(mv, self._timeout)
 
     def sendall(self, data: Any, flags: int = 0) -> None:
-        """Send all of ``data``; relocks between batches so completions get drained."""
+        """Send all of ``data``."""
         ep, mv = self._send_target(data)
-        sent = 0
-        with ep.lock:
-            while sent < len(mv):
-                ep.wait_writable(self._timeout, "sendall", len(mv) - sent)
-                sent += ep.send_some(mv[sent:], self._timeout)
-                if sent < len(mv):
-                    ep.lock.relock()  # SDP_CONN_RELOCK: drain deferred completions
+        ep.sendall(mv, self._timeout)
 
     def _send_target(self, data: Any) -> tuple[Endpoint, memoryview]:
         ep = self._connected()
@@ -239,14 +236,7 @@ class SdpSocket:
             mv = mv[:nbytes]
         if not mv or self._rd_shut:
             return 0
-        with ep.lock:
-            ep.wait(ep.recv_ready, self._timeout, "recv")
-            if ep.conn.readable:
-                return ep.recv_into(mv, self._timeout)
-            err = ep.conn.error
-            if err is not None and not ep.conn.eof:
-                raise err
-            return 0  # EOF (or peer gone after an orderly close)
+        return ep.recv_into(mv, self._timeout)
 
     def makefile(self, mode: str = "r", buffering: int | None = None, *,
                  encoding: str | None = None, errors: str | None = None,
@@ -295,8 +285,7 @@ class SdpSocket:
             self._rd_shut = True
         if how in (SHUT_WR, SHUT_RDWR) and not self._wr_shut:
             self._wr_shut = True
-            with ep.lock:
-                ep.shutdown_write(self._opts.linger)
+            ep.shutdown_write(self._opts.linger)
 
     def close(self) -> None:
         with self._close_lock:
@@ -324,7 +313,7 @@ class SdpSocket:
         if self._listener is not None:
             return self._listener.fileno()
         if self._ep is not None:
-            return self._ep.readiness_fd()
+            return self._ep.fileno()
         return -1
 
     def setsockopt(self, level: int, optname: int, value: Any, optlen: int | None = None) -> None:
@@ -349,7 +338,17 @@ class SdpSocket:
             if self._ep is not None:
                 self._ep.set_ack_timeout(seconds)
             return
-        # Accepted for compatibility; RDMA has no Nagle, and reuse is the CM's business.
+        if level == _stdsocket.IPPROTO_TCP and optname == _stdsocket.TCP_NODELAY:
+            self._opts = replace(self._opts, nodelay=bool(int(value)))
+            if self._ep is not None:
+                self._ep.set_nodelay(self._opts.nodelay)
+            return
+        if level == _stdsocket.SOL_SOCKET and optname == _SO_BUSY_POLL:
+            self._opts = replace(self._opts, busy_poll=max(0, int(value)) / 1e6)
+            if self._ep is not None:
+                self._ep.set_busy_poll(self._opts.busy_poll)
+            return
+        # Accepted for compatibility; address reuse is the CM's business.
         self._sockopts[(level, optname)] = int(value) if not isinstance(value, bytes) else 0
 
     def getsockopt(self, level: int, optname: int, buflen: int | None = None) -> int:
@@ -364,40 +363,19 @@ class SdpSocket:
             if optname == _stdsocket.SO_TYPE:
                 return _stdsocket.SOCK_STREAM
             if optname == _stdsocket.SO_ERROR:
-                err = self._ep.conn.error if self._ep is not None else None
+                err = self._ep.error if self._ep is not None else None
                 return (err.errno or 0) if err is not None else 0
         if level == _stdsocket.IPPROTO_TCP and optname == _TCP_USER_TIMEOUT:
             return round(self._opts.ack_timeout * 1000)
+        if level == _stdsocket.IPPROTO_TCP and optname == _stdsocket.TCP_NODELAY:
+            return int(self._opts.nodelay)
+        if level == _stdsocket.SOL_SOCKET and optname == _SO_BUSY_POLL:
+            return round(self._opts.busy_poll * 1e6)
         return self._sockopts.get((level, optname), 0)
 
     def stats(self) -> dict[str, int]:
         """Counters of the progress engine, the lock and the protocol."""
-        ep = self._connected()
-        ls = ep.lock.stats()
-        cs = ep.conn.stats
-        return {
-            "channel_events": ls.events,
-            "drains_deferred": ls.deferred,
-            "drains_bh": ls.bh_drains,
-            "drains_unlock": ls.unlock_drains,
-            "bh_waits": ls.bh_waits,
-            "zcopy_sends": ep.stats.zcopy_sends,
-            "zcopy_bytes_out": ep.stats.zcopy_bytes_out,
-            "zcopy_reads": ep.stats.zcopy_reads,
-            "staged_frames": ep.stats.staged_frames,
-            "local_recv_bufs": ep.conn.params.local_recv_bufs,
-            "peer_recv_bufs": ep.conn.params.peer_recv_bufs,
-            "cq_polls": ep.stats.cq_polls,
-            "completions": ep.stats.completions,
-            "recv_completions": ep.stats.recv_completions,
-            "send_completions": ep.stats.send_completions,
-            "credit_stalls": cs.credit_stalls,
-            "credit_updates_sent": cs.credit_updates_sent,
-            "frames_in": cs.frames_in,
-            "frames_out": cs.frames_out,
-            "bytes_in": cs.bytes_in,
-            "bytes_out": cs.bytes_out,
-        }
+        return self._connected().stats()
 
 
 class _SocketIO(io.RawIOBase):

@@ -23,7 +23,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import mmap
+import os
 import threading
 from typing import Any, ClassVar
 
@@ -206,6 +208,10 @@ class QPResources:
         try:
             self.send_comp, self.send_fd = create_with_fd(lambda: CompChannel(ctx), COMP_CHANNEL)
             self.recv_comp, self.recv_fd = create_with_fd(lambda: CompChannel(ctx), COMP_CHANNEL)
+            # Non-blocking: a user thread and the completion thread may both see an fd
+            # readable; whoever reads second gets EAGAIN instead of blocking with the GIL.
+            for fd in (self.send_fd, self.recv_fd):
+                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
             # A full CQ silently drops completions on rxe: size each for every WR it can see.
             self.send_cq = CQ(ctx, send_count + 8, None, self.send_comp, 0)
             self.recv_cq = CQ(ctx, recv_count + 8, None, self.recv_comp, 0)
@@ -285,10 +291,11 @@ class QPResources:
         except PyverbsRDMAError as exc:
             raise verbs_error(exc, "posting a receive") from exc
 
-    def post_send(self, slot: int, length: int, signaled: bool) -> None:
+    def post_send(self, slot: int, length: int, signaled: bool, solicited: bool = True) -> None:
         self._send_sges[slot].length = length
         wr = self._send_wrs[slot]
-        wr.send_flags = e.IBV_SEND_SIGNALED if signaled else 0
+        wr.send_flags = ((e.IBV_SEND_SIGNALED if signaled else 0)
+                         | (e.IBV_SEND_SOLICITED if solicited else 0))
         try:
             self.qp.post_send(wr)
         except PyverbsRDMAError as exc:
@@ -311,11 +318,36 @@ class QPResources:
         n, wcs = cq.poll(budget)
         return list(wcs[:n]) if n else []
 
-    def take_event(self, send: bool) -> None:
-        """Consume the completion event our fd reported (the fd said it is there)."""
+    def read_events(self, send: bool) -> int:
+        """Consume every completion event queued on a CQ's channel; returns how many.
+
+        ``ibv_get_cq_event`` on the non-blocking channel fd until it fails (EAGAIN): a user
+        thread and the completion thread may both have seen the fd readable, and the one
+        that comes second must not block with the GIL held. Not a bare ``read()`` of the
+        fd: ``ibv_get_cq_event`` keeps bookkeeping that ``ibv_destroy_cq`` waits on
+        (measured: with plain reads, CQ destruction hung). Every event taken is
+        acknowledged, since ``ibv_destroy_cq`` waits until the acknowledged count equals
+        the count handed out.
+        """
         comp, cq = (self.send_comp, self.send_cq) if send else (self.recv_comp, self.recv_cq)
-        comp.get_cq_event(cq)
-        cq.ack_events(1)  # acking is a userspace counter: cheap enough to do each time
+        n = 0
+        try:
+            while True:
+                comp.get_cq_event(cq)
+                n += 1
+        except PyverbsError:
+            pass  # EAGAIN: nothing (more) queued
+        if n:
+            cq.ack_events(n)
+        return n
+
+    def arm(self, send: bool, solicited_only: bool = False) -> None:
+        """Request one completion event (``ibv_req_notify_cq``; a system call on rxe)."""
+        cq = self.send_cq if send else self.recv_cq
+        try:
+            cq.req_notify(solicited_only)
+        except PyverbsError as exc:
+            raise verbs_error(exc, "arming a completion queue") from exc
 
     def close(self) -> None:
         """Destroy in dependency order; idempotent."""

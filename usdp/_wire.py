@@ -115,6 +115,13 @@ class Features(IntFlag):
     """Optional capabilities offered in a Hello; used only when both sides offer them."""
 
     ZCOPY = 1  # SrcAvail / RDMA read / RdmaRdCompl
+    #: "I solicit every frame that can unblock you" (``usdp._signaling``): the receiver may
+    #: then arm its receive CQ solicited-only. A peer that does not offer it (an older
+    #: usdp, a raw verbs peer) gets a receive CQ armed for every completion.
+    SOLICIT = 2
+
+
+_KNOWN_FEATURES: Final = int(Features.ZCOPY | Features.SOLICIT)
 
 
 NO_FEATURES: Final = Features(0)
@@ -492,7 +499,7 @@ def decode_hello(data: Buffer, *, expect_kind: HandshakeKind) -> Hello:
     if len(data) >= HELLO_SIZE + _FEATURES.size:
         # Unknown bits are a newer peer's offers: ignore them.
         (raw,) = _FEATURES.unpack_from(data, HELLO_SIZE)
-        features = Features(raw & int(Features.ZCOPY))
+        features = Features(raw & _KNOWN_FEATURES)
     return Hello(expect_kind, recv_bufs, recv_buf_size, max_msg, features)
 
 
@@ -590,6 +597,7 @@ class Params:
     max_payload: int
     max_recv_frame: int
     zcopy: bool = False
+    solicited: bool = False
 
     def __post_init__(self) -> None:
         for name in ("local_recv_bufs", "peer_recv_bufs"):
@@ -624,4 +632,5 @@ def negotiate(local: Hello, peer: Hello) -> Params:
         max_payload=largest - HEADER_SIZE,
         max_recv_frame=min(local.recv_buf_size, peer.max_msg),
         zcopy=bool(local.features & peer.features & Features.ZCOPY),
+        solicited=bool(local.features & peer.features & Features.SOLICIT),
     )

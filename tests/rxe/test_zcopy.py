@@ -150,7 +150,7 @@ def test_stale_and_out_of_range_reads_fail_with_remote_access_error(host_a: str,
             outcome["ok"] = got == keep
             proceed.wait(TIMEOUT)  # the sender's send has returned: the rkey is dead
             with ep.lock, pytest.raises(usdp.RemoteAccessError):
-                ep.rdma_read(mr.addr, length, mr.lkey, rkey, vaddr, TIMEOUT)
+                ep.zc.rdma_read(mr.addr, length, mr.lkey, rkey, vaddr, TIMEOUT)
             outcome["latched"] = type(ep.conn.error).__name__
         finally:
             mr.close()
@@ -183,7 +183,7 @@ def test_out_of_range_read_fails(host_a: str, port: int) -> None:
                 seg = ep.conn._segments[0]
                 end = seg.vaddr + seg.length  # type: ignore[union-attr]
                 try:
-                    ep.rdma_read(mr.addr, 4096, mr.lkey, seg.rkey,  # type: ignore[union-attr]
+                    ep.zc.rdma_read(mr.addr, 4096, mr.lkey, seg.rkey,  # type: ignore[union-attr]
                                  end, TIMEOUT)
                 except usdp.RemoteAccessError:
                     outcome["refused"] = True

@@ -263,8 +263,18 @@ def test_hello_without_features_field_offers_none() -> None:
     old = decode_hello(full[:HELLO_SIZE], expect_kind=HandshakeKind.HELLO)
     assert old.features == Features(0)
     assert decode_hello(full, expect_kind=HandshakeKind.HELLO).features == Features.ZCOPY
-    unknown = full[:HELLO_SIZE] + struct.pack(">I", 0xFFFF_FFFE)  # a newer peer's bits
+    unknown = full[:HELLO_SIZE] + struct.pack(">I", 0xFFFF_FFFC)  # a newer peer's bits
     assert decode_hello(unknown, expect_kind=HandshakeKind.HELLO).features == Features(0)
+    both = full[:HELLO_SIZE] + struct.pack(">I", 0xFFFF_FFFE)
+    assert decode_hello(both, expect_kind=HandshakeKind.HELLO).features == Features.SOLICIT
+
+
+def test_solicited_receives_only_when_both_offer() -> None:
+    plain = Hello(HandshakeKind.HELLO, 16, 65536, 65536, Features.ZCOPY)
+    soliciting = Hello(HandshakeKind.HELLO, 16, 65536, 65536, Features.ZCOPY | Features.SOLICIT)
+    assert negotiate(soliciting, soliciting).solicited
+    assert not negotiate(soliciting, plain).solicited
+    assert not negotiate(plain, soliciting).solicited
 
 
 def test_zcopy_negotiated_only_when_both_offer() -> None:

@@ -1,0 +1,248 @@
+"""Our half of the data path: send slots, signaling, solicitation and the cork (BCopy).
+
+Every method runs while owning the connection's ``ConnLock``. A send is copied into a
+registered send slot and posted; the slot comes back when a *signaled* completion at or
+after it is polled (sends complete in order). Which sends are signaled and solicited, and
+when small sends share a frame (the cork), is decided by the pure rules of
+``usdp._signaling``; this module applies them to the slots.
+
+The cork has two reasons to exist, both SDP's BCopy buffering:
+
+* out of credits, a send of less than a frame is copied into one open slot that the next
+  credit posts (a send returns once its bytes are buffered);
+* auto-cork: while a signaled send is in flight, a small send is appended to the open slot
+  instead of taking a frame and a credit of its own. The completion of that signaled send
+  flushes it (``flush_cork`` from the engine's ``after``), so a cork never waits for
+  anything that is not already coming.
+"""
+
+from __future__ import annotations
+
+import errno
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import pyverbs.enums as e
+
+from usdp._connection import Connection
+from usdp._errors import ConnectionReset, UsdpError
+from usdp._liveness import AckWatch
+from usdp._signaling import (
+    SignalPolicy,
+    should_cork,
+    should_flush_cork,
+    signal_send,
+    solicit_data,
+)
+from usdp._verbs import WC_FLUSH, WC_SUCCESS, QPResources
+from usdp._wire import HEADER_SIZE, Header, pack_header_into
+
+
+class SendPath:
+    """Send slots, in-flight tracking, signaling and the cork of one connection.
+
+    Args:
+        res: verbs resources (the send ring and the QP).
+        conn: the sans-I/O connection (credits, headers).
+        liveness: the ack watchdog, told about every signaled send and completion.
+        policy: signaling/solicitation knobs.
+        fail: latches a fatal error on the connection (and moves the QP to error).
+        on_flush: a flushed send was seen (the engine looks for the real cause).
+    """
+
+    def __init__(self, res: QPResources, conn: Connection, liveness: AckWatch,
+                 policy: SignalPolicy, *, fail: Callable[[UsdpError], None],
+                 on_flush: Callable[[], None]) -> None:
+        self.res, self.conn, self.liveness, self.policy = res, conn, liveness, policy
+        self._fail, self._on_flush = fail, on_flush
+        count = res.send_ring.count
+        self.free: deque[int] = deque(range(count))
+        self.inflight: deque[int] = deque()
+        self._signaled = [False] * count
+        self.signaled_inflight = 0
+        self._unsignaled = 0
+        self._unsolicited = 0
+        self.nodelay = False
+        self.cork: int | None = None  # a send slot holding DATA bytes not yet posted
+        self.cork_len = 0
+        self.cork_frames = 0  # corked frames posted (stats: "staged_frames")
+        self._ssize = res.send_ring.size
+        self._sview = res.send_ring.view
+
+    def release_views(self) -> None:
+        self._sview = memoryview(b"")
+
+    # ------------------------------------------------------------------ posting
+
+    def post_frame(self, h: Header, payload: Any, *, control: bool = False,
+                   last: bool = True) -> None:
+        """Copy ``h`` and ``payload`` into a free slot and post it."""
+        slot = self.free.popleft()
+        base = slot * self._ssize
+        sview = self._sview
+        pack_header_into(sview, base, h)
+        n = HEADER_SIZE
+        if payload is not None:
+            n += len(payload)
+            sview[base + HEADER_SIZE : base + n] = payload
+        self._post_slot(slot, n, control=control, last=last)
+
+    def _post_slot(self, slot: int, n: int, *, control: bool, last: bool) -> None:
+        conn = self.conn
+        credit_after = conn.data_credit_ok()
+        signaled = signal_send(self.policy, control=control, unsignaled_run=self._unsignaled,
+                               free_slots_after=len(self.free), credit_ok_after=credit_after,
+                               inflight_before=len(self.inflight),
+                               signaled_inflight=self.signaled_inflight)
+        if control:
+            solicited = True
+        else:
+            solicited = solicit_data(self.policy, last_of_burst=last,
+                                     credits_after=conn.tx_credits,
+                                     unsolicited_run=self._unsolicited)
+            self._unsolicited = 0 if solicited else self._unsolicited + 1
+        self.liveness.posted(time.monotonic(), signaled)
+        if signaled:
+            self._unsignaled = 0
+            self.signaled_inflight += 1
+        else:
+            self._unsignaled += 1
+        self._signaled[slot] = signaled
+        self.inflight.append(slot)
+        try:
+            self.res.post_send(slot, n, signaled, solicited)
+        except UsdpError as exc:
+            self.inflight.pop()
+            self.free.appendleft(slot)
+            if signaled:
+                self.signaled_inflight -= 1
+            self.liveness.unposted(signaled)
+            self._fail(exc)
+            raise
+
+    def send_control(self) -> None:
+        """Send queued control frames (RdmaRdCompl, DISCONN, credit updates) while a slot
+        is free."""
+        while self.free and self.conn.error is None:
+            frame = self.conn.next_control_frame()
+            if frame is None:
+                return
+            h, payload = frame
+            self.post_frame(h, memoryview(payload) if payload else None, control=True)
+
+    # ------------------------------------------------------------------ completions
+
+    def on_send_wc(self, wc: Any) -> None:
+        """A completion of one of our sends: free its slot and every one before it."""
+        self.liveness.completed(time.monotonic())
+        status = wc.status
+        if status == WC_FLUSH:
+            self._on_flush()
+        elif status == e.IBV_WC_RETRY_EXC_ERR:
+            # As a reset (the documented outcome of a dead peer), with the real reason.
+            self._fail(ConnectionReset(errno.ECONNRESET, "connection reset: transport retries "
+                                       "exhausted (peer or link down, or heavy loss or "
+                                       "reordering on the link)"))
+        elif status != WC_SUCCESS:
+            self._fail(ConnectionReset(errno.ECONNRESET, f"send failed (wc status {status})"))
+        slot = wc.wr_id
+        inflight, free, signaled = self.inflight, self.free, self._signaled
+        while inflight:
+            s = inflight.popleft()
+            free.append(s)
+            if signaled[s]:
+                signaled[s] = False
+                self.signaled_inflight -= 1
+            if s == slot:
+                break
+
+    # ------------------------------------------------------------------ state
+
+    def writable(self) -> bool:
+        """``send_bcopy`` would take bytes now: to post (a credit and a slot), or to cork
+        (a spare slot, or room left in the cork)."""
+        if self.cork is not None:
+            return self.cork_len < self.conn.max_payload
+        return len(self.free) >= 2 or (bool(self.free) and self.conn.data_credit_ok())
+
+    def can_take(self, nbytes: int) -> bool:
+        """A blocking ``send_bcopy`` of ``nbytes`` would take bytes now."""
+        credit = self.conn.data_credit_ok()
+        if self.cork is not None:
+            return self.cork_len < self.conn.max_payload or credit
+        if credit and self.free:
+            return True
+        return nbytes < self.conn.max_payload and len(self.free) >= 2
+
+    def needs_completion(self) -> bool:
+        """A corked send waits for a completion (or a credit) that must wake someone."""
+        return self.cork is not None
+
+    def outstanding(self) -> bool:
+        """Some send has not completed yet (a sleeper should arm the send CQ)."""
+        return bool(self.inflight)
+
+    # ------------------------------------------------------------------ the cork
+
+    def flush_cork(self, *, force: bool = False) -> bool:
+        """Post the cork if it should go now and a credit allows; True if it went (or
+        there was none)."""
+        slot = self.cork
+        if slot is None:
+            return True
+        if not self.conn.data_credit_ok():
+            return False
+        if not force and not should_flush_cork(self.cork_len, self.conn.max_payload,
+                                               nodelay=self.nodelay,
+                                               signaled_inflight=self.signaled_inflight):
+            return False
+        self.cork = None
+        n = self.cork_len
+        pack_header_into(self._sview, slot * self._ssize, self.conn.data_header(n))
+        self._post_slot(slot, HEADER_SIZE + n, control=False, last=True)
+        self.cork_frames += 1
+        return True
+
+    def send_bcopy(self, data: memoryview, nonblocking: bool) -> int:
+        """Copy as much of ``data`` as credits, slots and the cork allow now; returns the
+        count taken (possibly 0). Never waits.
+
+        Whole frames of a blocking call wait for credits rather than being corked (one
+        copy less); a non-blocking call corks one frame (its readiness said writable). One
+        slot always stays free for control frames.
+        """
+        conn, free = self.conn, self.free
+        maxp = conn.max_payload
+        total = len(data)
+        sent = 0
+        while sent < total and conn.error is None:
+            if self.cork is not None:
+                room = maxp - self.cork_len
+                if room > 0:
+                    n = min(room, total - sent)
+                    pos = self.cork * self._ssize + HEADER_SIZE + self.cork_len
+                    self._sview[pos : pos + n] = data[sent : sent + n]
+                    self.cork_len += n
+                    sent += n
+                    continue
+                if not self.flush_cork(force=True):
+                    break  # a full cork waits for a credit
+                continue
+            remaining = total - sent
+            if free and conn.data_credit_ok() and not (
+                    len(free) >= 2 and should_cork(remaining, maxp, nodelay=self.nodelay,
+                                                   signaled_inflight=self.signaled_inflight)):
+                n = min(maxp, remaining)
+                self.post_frame(conn.data_header(n), data[sent : sent + n],
+                                last=remaining - n < maxp or len(free) <= 1)
+                sent += n
+                continue
+            if (remaining < maxp or nonblocking) and len(free) >= 2:
+                self.cork, self.cork_len = free.popleft(), 0
+                continue
+            break
+        if self.cork is not None:
+            self.flush_cork()  # nothing in flight would flush it later
+        return sent
