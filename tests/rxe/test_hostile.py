@@ -27,7 +27,7 @@ import pytest
 
 import usdp
 from tests.rxe.rawpeer import RawPeer
-from tests.rxe.test_socket import client, recv_exactly
+from tests.rxe.sockets import client, recv_exactly
 from usdp._wire import (
     HEADER_SIZE,
     MAGIC,
