@@ -39,7 +39,7 @@ class Options:
             into connection aborts. See docs/protocol.md section 10.
         recv_bufs: receive slots posted = credits granted to the peer.
         recv_buf_size: bytes per receive slot, header included. 16 x 64 KiB (a 1 MiB
-            window) was measured by ``scripts/sweep_buffers.py`` at 0.98 of the best shape
+            window) was measured by ``experiments/sweep_buffers.py`` at 0.98 of the best shape
             tried (32 x 64 KiB, 2 MiB window) for 2/3 of its memory; 32 KiB slots reached
             0.69-0.90 and 8-16 KiB slots 0.27-0.63: per-frame Python cost dominates, so
             bigger frames win until the window stops mattering. See docs/protocol.md.
