@@ -53,6 +53,7 @@ import os as _os
 from enum import IntEnum
 
 __all__ = [
+    "MEMLOCK_HINT",
     "NO_DEVICE_HINT",
     "AddressInUse",
     "AlreadyConnected",
@@ -207,8 +208,20 @@ NO_DEVICE_HINT = (
 )
 
 
+#: What to do when registering memory fails for want of locked-memory allowance.
+MEMLOCK_HINT = (
+    "registering memory counts against RLIMIT_MEMLOCK: raise it ('ulimit -l unlimited', "
+    "LimitMEMLOCK= for a systemd service, memlock in /etc/security/limits.conf) or run "
+    "as root"
+)
+
+
 def _with_hint(err: int, msg: str) -> str:
-    return f"{msg}; {NO_DEVICE_HINT}" if err == _errno.ENODEV else msg
+    if err == _errno.ENODEV:
+        return f"{msg}; {NO_DEVICE_HINT}"
+    if err == _errno.ENOMEM:
+        return f"{msg}; {MEMLOCK_HINT}"
+    return msg
 
 
 def from_pyverbs(exc: BaseException, what: str) -> UsdpError:

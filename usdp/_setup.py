@@ -130,6 +130,10 @@ class Listener:
             self.cmid = _cm.new_id(self.chan)
             _cm.bind_listen(self.cmid, addr, backlog, family)
         except BaseException:
+            # The id before its channel: left to the GC, it would be destroyed after the
+            # channel and pyverbs would print "Failed to close CMID" (EBADF).
+            if getattr(self, "cmid", None) is not None:
+                _close_quietly(self.cmid)
             self.chan.close()
             raise
         self.addr = _cm.local_addr(self.cmid)

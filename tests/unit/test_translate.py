@@ -52,7 +52,7 @@ class FakePyverbsError(Exception):
 @pytest.mark.parametrize(("code", "cls", "err"), [
     (errno.EADDRINUSE, usdp.AddressInUse, errno.EADDRINUSE),
     (errno.ETIMEDOUT, Timeout, errno.ETIMEDOUT),
-    (errno.ENOMEM, UsdpError, errno.ENOMEM),
+    (errno.EACCES, UsdpError, errno.EACCES),
     (0, UsdpError, errno.EIO),  # pyverbs had no errno: EIO, not a bogus 0
     (-1, UsdpError, errno.EIO),
 ])
@@ -61,6 +61,13 @@ def test_from_pyverbs_keeps_the_errno(code: int, cls: type[UsdpError], err: int)
     assert type(exc) is cls
     assert exc.errno == err
     assert exc.strerror == "bind 1.2.3.4:7: Failed to do it"
+
+
+def test_from_pyverbs_enomem_points_at_memlock() -> None:
+    exc = from_pyverbs(FakePyverbsError("Failed to register a MR", errno.ENOMEM),
+                       "registering a buffer ring")
+    assert exc.errno == errno.ENOMEM and "RLIMIT_MEMLOCK" in str(exc)
+    assert "ulimit -l" in str(exc)
 
 
 def test_from_pyverbs_without_error_code_is_eio() -> None:
