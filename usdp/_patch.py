@@ -104,10 +104,12 @@ class _Undecided:
 class _Connecting:
     """A non-blocking connect (asyncio's ``sock_connect``) whose SDP setup runs in a
     thread. Success moves the socket on to :class:`_Connected`; a failure stays here,
-    with ``err`` for ``SO_ERROR`` (reported once) and for a repeated ``connect()``."""
+    with ``err`` for ``SO_ERROR`` (reported once, as the kernel does) and for every later
+    ``connect()``."""
 
     done: threading.Event = field(default_factory=threading.Event)
     err: int = 0
+    reported: bool = False  # SO_ERROR said it already: the next read gives 0
 
 
 @dataclass(frozen=True)
@@ -254,8 +256,8 @@ class HybridSocket(_RealSocket, metaclass=_Meta):
         if isinstance(st, _Connecting):
             if not st.done.is_set():
                 raise error_from_errno(errno.EALREADY, "Operation already in progress")
-            code = st.err or errno.EISCONN
-            raise error_from_errno(code, os.strerror(code))
+            code = st.err or errno.EIO  # done, yet here: it failed
+            raise error_from_errno(code, f"connect failed: {os.strerror(code)}")
         if isinstance(st, _Connected) and st.transport == "sdp":
             raise error_from_errno(errno.EISCONN, "socket is already connected (sdp)")
         if isinstance(st, _Listening) and st.mode == "sdp":
@@ -476,7 +478,8 @@ class HybridSocket(_RealSocket, metaclass=_Meta):
             if not st.done.wait(0.002):
                 raise WouldBlock(errno.EINPROGRESS, "Operation now in progress")
             if self._usdp_state is st:  # failed: report it once, as the kernel does
-                err, st.err = st.err, 0
+                err = 0 if st.reported else st.err
+                st.reported = True
                 return err
             return self.getsockopt(level, optname, *buflen)  # moved on: ask the new state
         conn = self._conn()

@@ -4,7 +4,10 @@ connect, bind), with the class a socket program expects."""
 from __future__ import annotations
 
 import errno
+import os
 import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -66,3 +69,26 @@ def test_listen_on_a_foreign_address(port: int, rxe_dev: str) -> None:
     s.close()
     assert info.value.errno == errno.EADDRNOTAVAIL
     assert f"bind 10.255.1.1:{port}" in str(info.value)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop CAP_IPC_LOCK (the bed is)")
+def test_memlock_limit_is_named(host_a: str, port: int) -> None:
+    """Without CAP_IPC_LOCK and with a 256 KiB RLIMIT_MEMLOCK, the 1 MiB receive ring
+    cannot be registered: the error says which limit and how to raise it."""
+    code = ("import sys, usdp\n"
+            "try:\n"
+            "    usdp.create_connection((sys.argv[1], int(sys.argv[2])), timeout=30)\n"
+            "except OSError as e:\n"
+            "    print(e.errno, e)\n")
+    with usdp.SdpSocket() as lst:
+        lst.bind((host_a, port))
+        lst.listen()
+        p = subprocess.run(["prlimit", "--memlock=262144:262144", "setpriv",
+                            "--bounding-set=-ipc_lock", "--inh-caps=-ipc_lock", "--",
+                            sys.executable, "-c", code, host_a, str(port)],
+                           capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    err, _, msg = p.stdout.strip().partition(" ")
+    assert int(err) == errno.ENOMEM, p.stdout
+    assert f"connect to {host_a}:{port}: create the queue pair: registering" in msg, msg
+    assert "RLIMIT_MEMLOCK" in msg and "ulimit -l" in msg, msg
