@@ -18,6 +18,15 @@ Facts measured on these machines that shape the choices below:
   the same rxe device; real cross-host tests use two VMs joined by qemu's socket netdev
   (``--hosts 2``). The link has no other NIC: nothing leaves the machine.
 
+The checkout may live anywhere, ``/tmp`` included: the guest mounts fresh tmpfs on
+``/tmp`` and ``/run``, so its init bind-mounts the checkout (``usdp.root=``) aside first
+and back at the same path after.
+
+Lifetime: a VM never outlives its launcher. qemu gets ``PR_SET_PDEATHSIG`` (SIGKILL when
+the launcher dies, however it dies), and SIGTERM/SIGHUP/SIGINT unwind the launcher
+through the code that kills qemu (``raise_on_signals``). Work dirs of SIGKILLed launchers
+are removed by the next run.
+
 Output: the guest's command writes stdout to ttyS1 and stderr to ttyS2; qemu connects those
 serial ports to unix sockets we listen on, and we copy them to our own stdout/stderr as
 they arrive. ttyS0 is the kernel console, kept in a log file for post-mortems. The exit
