@@ -3,38 +3,41 @@
 >>> import usdp
 >>> with usdp.create_connection(("198.18.0.1", 7000)) as s:   # doctest: +SKIP
 ...     s.sendall(b"hello")
+
+``import usdp`` does not import pyverbs: that happens on the first RDMA connect or listen
+(``usdp._verbs``/``usdp._cm``), and a Python without pyverbs gets a :class:`DeviceError`
+there that says to install Debian's ``python3-pyverbs``.
 """
 
 from __future__ import annotations
 
-import logging as _logging
+from importlib import metadata as _metadata
 
-# pyverbs' import runs logging.basicConfig(level=INFO): undo that on the user's behalf.
-_root = _logging.getLogger()
-_root_state = (list(_root.handlers), _root.level)
-import pyverbs.base  # noqa: E402, F401
-
-for _h in _root.handlers[:]:
-    if _h not in _root_state[0]:
-        _root.removeHandler(_h)
-_root.setLevel(_root_state[1])
-
-from usdp._config import Options  # noqa: E402
-from usdp._errors import (  # noqa: E402
+from usdp import asyncio
+from usdp._config import Options
+from usdp._errors import (
+    AddressInUse,
+    AlreadyConnected,
     BrokenPipe,
     ConnectionAborted,
     ConnectionRefused,
     ConnectionReset,
     DeviceError,
     HandshakeError,
+    InvalidArgument,
     NotConnected,
     ProtocolError,
+    RejectReason,
     RemoteAccessError,
     Timeout,
     UsdpError,
     WouldBlock,
 )
-from usdp._socket import (  # noqa: E402
+from usdp._patch import HybridSocket, is_patched, patch, transport_of, unpatch
+from usdp._rules import Rules, RulesError
+from usdp._rules import load as load_rules
+from usdp._rules import parse as parse_rules
+from usdp._socket import (
     AF_INET_SDP,
     SHUT_RD,
     SHUT_RDWR,
@@ -44,44 +47,52 @@ from usdp._socket import (  # noqa: E402
     socket,
 )
 
+
+def _version() -> str:
+    # One source of truth, pyproject.toml's version, as the installed metadata has it; a
+    # checkout used without installing (PYTHONPATH=.) has no metadata.
+    try:
+        return _metadata.version("usdp")
+    except _metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+__version__ = _version()
+
 __all__ = [
     "AF_INET_SDP",
     "SHUT_RD",
     "SHUT_RDWR",
     "SHUT_WR",
+    "AddressInUse",
+    "AlreadyConnected",
     "BrokenPipe",
     "ConnectionAborted",
     "ConnectionRefused",
     "ConnectionReset",
     "DeviceError",
     "HandshakeError",
+    "HybridSocket",
+    "InvalidArgument",
     "NotConnected",
     "Options",
     "ProtocolError",
+    "RejectReason",
     "RemoteAccessError",
+    "Rules",
+    "RulesError",
     "SdpSocket",
     "Timeout",
     "UsdpError",
     "WouldBlock",
-    "create_connection",
-    "socket",
-]
-
-from usdp import asyncio  # noqa: E402
-from usdp._patch import HybridSocket, is_patched, patch, transport_of, unpatch  # noqa: E402
-from usdp._rules import Rules, RulesError  # noqa: E402
-from usdp._rules import load as load_rules  # noqa: E402
-from usdp._rules import parse as parse_rules  # noqa: E402
-
-__all__ += [
-    "HybridSocket",
-    "Rules",
-    "RulesError",
+    "__version__",
     "asyncio",
+    "create_connection",
     "is_patched",
     "load_rules",
     "parse_rules",
     "patch",
+    "socket",
     "transport_of",
     "unpatch",
 ]

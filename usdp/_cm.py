@@ -23,13 +23,21 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import pyverbs.cm_enums as ce
-from pyverbs.cmid import CMID, AddrInfo, CMEvent, CMEventChannel, ConnParam
-from pyverbs.pyverbs_error import PyverbsError
-
-from usdp._errors import Timeout, UsdpError, WouldBlock, error_from_errno
+from usdp._errors import (
+    Timeout,
+    UsdpError,
+    WouldBlock,
+    error_from_errno,
+    from_cm_event,
+    from_pyverbs,
+)
 from usdp._fdfind import CM_CHANNEL, create_with_fd
-from usdp._verbs import RETRY_CNT, RNR_RETRY
+from usdp._verbs import RETRY_CNT, RNR_RETRY, importing_pyverbs
+
+with importing_pyverbs():
+    import pyverbs.cm_enums as ce
+    from pyverbs.cmid import CMID, AddrInfo, CMEvent, CMEventChannel, ConnParam
+    from pyverbs.pyverbs_error import PyverbsError
 
 EV = ce  # event type constants: EV.RDMA_CM_EVENT_*
 
@@ -110,13 +118,12 @@ class Event:
 class Channel:
     """A CM event channel whose fd we can wait on."""
 
-    def __init__(self) -> None:
+    def __init__(self, what: str = "opening the RDMA connection manager") -> None:
         try:
             self.ch, self.fd = create_with_fd(CMEventChannel, CM_CHANNEL)
         except PyverbsError as exc:
-            code = getattr(exc, "error_code", errno.ENODEV)
-            raise error_from_errno(code if code > 0 else errno.ENODEV,
-                                   f"no RDMA connection manager: {exc}") from exc
+            # ENODEV here (no /dev/infiniband/rdma_cm) is the usual "no RDMA at all".
+            raise from_pyverbs(exc, what) from exc
 
     def readable(self, timeout: float | None) -> bool:
         r, _, _ = select.select([self.fd], [], [], timeout)
@@ -146,11 +153,16 @@ def new_id(channel: Channel) -> CMID:
     return CMID(creator=channel.ch, port_space=ce.RDMA_PS_TCP)
 
 
+def request_id(ev: Event, listen_id: CMID) -> CMID:
+    """The id of a CONNECT_REQUEST (``ev.raw``, still to be acked) on listener ``listen_id``."""
+    return CMID(creator=ev.raw, listen_id=listen_id)
+
+
 def migrate(cmid: CMID, channel: Channel) -> None:
     """Move ``cmid``'s future events onto ``channel`` (rdma_migrate_id)."""
     if _librdmacm.rdma_migrate_id(_cptr(cmid), _cptr(channel.ch)) != 0:
         err = ctypes.get_errno()
-        raise error_from_errno(err, f"rdma_migrate_id: {errno.errorcode.get(err, err)}")
+        raise error_from_errno(err, f"rdma_migrate_id: {os.strerror(err)}")
 
 
 def conn_param(qp_num: int, private_data: bytes, *, accept: bool) -> ConnParam:
@@ -163,48 +175,44 @@ def conn_param(qp_num: int, private_data: bytes, *, accept: bool) -> ConnParam:
 
 
 def cm_call(what: str, fn: Any, *args: Any) -> Any:
+    """``fn(*args)``, its ``PyverbsError`` translated (``what``: the step, for the message)."""
     try:
         return fn(*args)
     except PyverbsError as exc:
-        code = getattr(exc, "error_code", -1)
-        raise error_from_errno(code if isinstance(code, int) and code > 0 else errno.EIO,
-                               f"{what}: {exc}") from exc
+        raise from_pyverbs(exc, what) from exc
 
 
 def resolve(cmid: CMID, channel: Channel, dst: tuple[str, int], src: str | None,
             deadline: float | None) -> None:
     """Resolve address and route for an active id (ADDR_RESOLVED, ROUTE_RESOLVED)."""
-    ai = cm_call("rdma_getaddrinfo", AddrInfo, src, dst[0], None, str(dst[1]), ce.RDMA_PS_TCP)
+    at = f"{dst[0]}:{dst[1]}"
+    ai = cm_call(f"connect to {at}: resolve address (rdma_getaddrinfo)", AddrInfo, src, dst[0],
+                 None, str(dst[1]), ce.RDMA_PS_TCP)
     ms = 2000 if deadline is None else max(1, int(min(2.0, deadline - time.monotonic()) * 1000))
     try:
-        cm_call("rdma_resolve_addr", cmid.resolve_addr, ai, ms)
+        cm_call(f"connect to {at}: resolve address", cmid.resolve_addr, ai, ms)
     finally:
         ai.close()  # rdma_freeaddrinfo now: pyverbs 44 objects may not free on GC
-    expect(channel, ce.RDMA_CM_EVENT_ADDR_RESOLVED, deadline, f"resolving {dst[0]}")
-    cm_call("rdma_resolve_route", cmid.resolve_route, ms)
-    expect(channel, ce.RDMA_CM_EVENT_ROUTE_RESOLVED, deadline, f"route to {dst[0]}")
-
-
-_EVENT_ERRNO = {
-    ce.RDMA_CM_EVENT_ADDR_ERROR: errno.EHOSTUNREACH,
-    ce.RDMA_CM_EVENT_ROUTE_ERROR: errno.ENETUNREACH,
-    ce.RDMA_CM_EVENT_UNREACHABLE: errno.EHOSTUNREACH,
-    ce.RDMA_CM_EVENT_CONNECT_ERROR: errno.ECONNREFUSED,
-    ce.RDMA_CM_EVENT_REJECTED: errno.ECONNREFUSED,
-    ce.RDMA_CM_EVENT_DEVICE_REMOVAL: errno.ENODEV,
-}
+    expect(channel, ce.RDMA_CM_EVENT_ADDR_RESOLVED, deadline,
+           f"connect to {at}: resolve address (is {dst[0]} on an RDMA device's netdev?)")
+    cm_call(f"connect to {at}: resolve route", cmid.resolve_route, ms)
+    expect(channel, ce.RDMA_CM_EVENT_ROUTE_RESOLVED, deadline, f"connect to {at}: resolve route")
 
 
 def event_error(ev: Event, what: str) -> UsdpError:
     """The error for a CM event that is not the one a setup step waited for."""
-    err = _EVENT_ERRNO.get(ev.type, errno.EPROTO)
-    return error_from_errno(err, f"{what}: {ev.name} (status {ev.status})")
+    return from_cm_event(ev.type, ev.status, what)
 
 
-def expect(channel: Channel, want: int, deadline: float | None, what: str) -> Event:
+def expect(channel: Channel, want: int | None, deadline: float | None, what: str) -> Event:
+    """The next event, by ``deadline`` (else :class:`Timeout` naming ``what``); an event
+    other than ``want`` (None: any) raises its error."""
     remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-    ev = channel.get(remaining)
-    if ev.type != want:
+    try:
+        ev = channel.get(remaining)
+    except (Timeout, WouldBlock) as exc:  # WouldBlock: the deadline had already passed
+        raise Timeout(errno.ETIMEDOUT, f"{what}: timed out") from exc
+    if want is not None and ev.type != want:
         raise event_error(ev, what)
     return ev
 
@@ -218,13 +226,15 @@ def bind_listen(cmid: CMID, addr: SockAddr, backlog: int, family: int) -> None:
         sa = ctypes.create_string_buffer(_sockaddr_bytes(family, wild, port), 28)
         if _librdmacm.rdma_bind_addr(_cptr(cmid), sa) != 0:
             err = ctypes.get_errno()
-            raise error_from_errno(err, f"rdma_bind_addr {wild}:{port}: {os.strerror(err)}")
-        cm_call("rdma_listen", cmid.listen, backlog)
+            raise error_from_errno(err, f"bind {wild}:{port}: {os.strerror(err)}")
+        cm_call(f"listen on {wild}:{port}", cmid.listen, backlog)
         return
-    ai = cm_call("rdma_getaddrinfo", AddrInfo, host, None, str(addr[1]), None,
-                  ce.RDMA_PS_TCP, ce.RAI_PASSIVE)
+    at = f"{host}:{port}"
+    ai = cm_call(f"bind {at}: resolve address (rdma_getaddrinfo; is {host} an address of an "
+                 "RDMA device's netdev?)", AddrInfo, host, None, str(port), None,
+                 ce.RDMA_PS_TCP, ce.RAI_PASSIVE)
     try:
-        cm_call(f"rdma_bind_addr {host}:{addr[1]}", cmid.bind_addr, ai)
+        cm_call(f"bind {at}", cmid.bind_addr, ai)
     finally:
         ai.close()
-    cm_call("rdma_listen", cmid.listen, backlog)
+    cm_call(f"listen on {at}", cmid.listen, backlog)

@@ -1,14 +1,99 @@
-"""Per-socket tunables, with the reason for each default."""
+"""Per-socket tunables, with the reason for each default, and the one reader of the
+``USDP_*`` environment variables (:meth:`Options.from_env`, :func:`rules_path_from_env`).
+
+The variables, all optional (unset or empty: the default):
+
+====================== ====================================================================
+``USDP_ACK_TIMEOUT``   ``Options.ack_timeout``, seconds (0 turns the watchdog off)
+``USDP_KEEPALIVE``     ``Options.keepalive``, seconds of silence before a probe (0: off)
+``USDP_ZCOPY_THRESHOLD`` ``Options.zcopy_threshold``, bytes (0: no zero-copy)
+``USDP_RECV_BUFS``     ``Options.recv_bufs``, receive slots (4..4096)
+``USDP_RECV_BUF_SIZE`` ``Options.recv_buf_size``, bytes per slot (64..16 MiB)
+``USDP_SEND_BUFS``     ``Options.send_bufs``, send slots (2..4096)
+``USDP_DEFER``         ``Options.defer``: 0/1, no/yes, false/true, off/on
+``USDP_BUSY_POLL``     ``Options.busy_poll``, microseconds a blocking call may busy-poll (0: never)
+``USDP_CONFIG``        the rules file of ``usdp.patch()`` / ``python -m usdp.run``
+====================== ====================================================================
+
+A value that does not parse raises ``ValueError`` naming the variable and its value, e.g.
+``USDP_ACK_TIMEOUT='5s': expected seconds as a number``. (The test bed and the benchmark,
+in ``usdptools``, read their own ``USDP_HOST_*``/``USDP_RXE_DEV``; the library does not.)
+"""
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from typing import Any
+
+from usdp._wire import MAX_BUF_SIZE, MAX_RECV_BUFS, MIN_BUF_SIZE, MIN_RECV_BUFS
 
 
-def _env_bool(name: str, default: bool) -> bool:
-    v = os.environ.get(name)
-    return default if v is None else v.strip().lower() not in ("0", "no", "false", "off", "")
+def _seconds(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise ValueError("expected seconds as a number (0 or more)")
+    return value
+
+
+def _micros(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise ValueError("expected microseconds as a number (0 or more)")
+    return value / 1e6
+
+
+def _whole(lo: int, hi: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            value = lo - 1
+        if not lo <= value <= hi:
+            raise ValueError(f"expected a whole number in {lo}..{hi}")
+        return value
+
+    return parse
+
+
+_TRUE, _FALSE = ("1", "yes", "true", "on"), ("0", "no", "false", "off")
+
+
+def _flag(raw: str) -> bool:
+    word = raw.strip().lower()
+    if word not in _TRUE + _FALSE:
+        raise ValueError("expected 0 or 1 (or no/yes, false/true, off/on)")
+    return word in _TRUE
+
+
+#: variable -> (Options field, parser); the table in the module docstring, as code.
+_OPTION_VARS: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "USDP_ACK_TIMEOUT": ("ack_timeout", _seconds),
+    "USDP_KEEPALIVE": ("keepalive", _seconds),
+    "USDP_ZCOPY_THRESHOLD": ("zcopy_threshold", _whole(0, 1 << 30)),
+    "USDP_RECV_BUFS": ("recv_bufs", _whole(MIN_RECV_BUFS, MAX_RECV_BUFS)),
+    "USDP_RECV_BUF_SIZE": ("recv_buf_size", _whole(MIN_BUF_SIZE, MAX_BUF_SIZE)),
+    "USDP_SEND_BUFS": ("send_bufs", _whole(2, MAX_RECV_BUFS)),
+    "USDP_DEFER": ("defer", _flag),
+    "USDP_BUSY_POLL": ("busy_poll", _micros),
+}
+
+
+def _env(environ: Mapping[str, str] | None) -> Mapping[str, str]:
+    return os.environ if environ is None else environ
+
+
+def rules_path_from_env(environ: Mapping[str, str] | None = None) -> str | None:
+    """``$USDP_CONFIG``, the rules file named by the environment, or None."""
+    return _env(environ).get("USDP_CONFIG") or None
 
 
 #: Probe interval that ``setsockopt(SOL_SOCKET, SO_KEEPALIVE, 1)`` turns on (seconds).
@@ -39,7 +124,7 @@ class Options:
             into connection aborts. See docs/protocol.md section 10.
         recv_bufs: receive slots posted = credits granted to the peer.
         recv_buf_size: bytes per receive slot, header included. 16 x 64 KiB (a 1 MiB
-            window) was measured by ``scripts/sweep_buffers.py`` at 0.98 of the best shape
+            window) was measured by ``experiments/sweep_buffers.py`` at 0.98 of the best shape
             tried (32 x 64 KiB, 2 MiB window) for 2/3 of its memory; 32 KiB slots reached
             0.69-0.90 and 8-16 KiB slots 0.27-0.63: per-frame Python cost dominates, so
             bigger frames win until the window stops mattering. See docs/protocol.md.
@@ -74,12 +159,25 @@ class Options:
     nodelay: bool = False
 
     @classmethod
-    def from_env(cls) -> Options:
-        ack = os.environ.get("USDP_ACK_TIMEOUT")
-        busy = os.environ.get("USDP_BUSY_POLL")
-        return cls(defer=_env_bool("USDP_DEFER", True),
-                   ack_timeout=float(ack) if ack else cls.ack_timeout,
-                   busy_poll=float(busy) / 1e6 if busy else cls.busy_poll)
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Options:
+        """The defaults, overridden by the ``USDP_*`` variables that are set (see the
+        module docstring); ``environ`` defaults to ``os.environ``.
+
+        Raises:
+            ValueError: a value that does not parse, naming the variable, e.g.
+                ``USDP_ACK_TIMEOUT='5s': expected seconds as a number (0 or more)``.
+        """
+        env = _env(environ)
+        changes: dict[str, Any] = {}
+        for var, (name, parse) in _OPTION_VARS.items():
+            raw = env.get(var, "").strip()
+            if not raw:
+                continue
+            try:
+                changes[name] = parse(raw)
+            except ValueError as exc:
+                raise ValueError(f"{var}={raw!r}: {exc}") from None
+        return cls(**changes)
 
     def with_rcvbuf(self, nbytes: int) -> Options:
         return replace(self, recv_bufs=max(4, min(4096, nbytes // self.recv_buf_size)))

@@ -70,6 +70,18 @@ underestimates the sender's own count, so this has no false positives); ``bufs``
 return more buffers than the peer has received from us (by its ``mseq_ack``), nor push our
 credits above ``peer_recv_bufs``.
 
+Zero-copy
+---------
+When both Hellos offered ``Features.ZCOPY`` (``Params.zcopy``), a sender may advertise a
+registered buffer with :meth:`Connection.src_avail_frame` instead of copying it into DATA
+frames. On the receiving side the SrcAvail takes its place in the byte stream: when it
+reaches the head, :meth:`Connection.consume_remote` hands out ranges for the I/O layer to
+RDMA-read (:meth:`Connection.remote_read_done`), and once all of it is read the answer
+(RdmaRdCompl) goes back; the sender sees :class:`ZcopyDone` and may reuse its buffer. One
+SrcAvail is outstanding at a time, of at most ``MAX_ZCOPY`` bytes. Only this read-based
+flow is implemented; SDP's other zero-copy messages (SinkAvail, RdmaWrCompl, cancels) are
+protocol errors.
+
 Errors
 ------
 Any violation raises :class:`ProtocolError` and latches the connection in ERROR. A peer's
@@ -129,7 +141,8 @@ __all__ = [
 _U32: Final = 0xFFFF_FFFF
 _NO_FLAGS: Final = Flags(0)
 
-# Zero-copy messages: the codec exists, but nothing negotiates zero-copy yet.
+# SDP's zero-copy message ids. Only _ZCOPY_SUPPORTED below is implemented (read zero-copy);
+# the rest are a protocol error from any peer.
 _ZCOPY: Final = frozenset(
     {
         Mid.SRC_AVAIL,

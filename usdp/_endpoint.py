@@ -32,6 +32,7 @@ from usdp._errors import (
     ProtocolError,
     UsdpError,
     error_from_errno,
+    from_wc,
 )
 from usdp._liveness import AckWatch, Verdict
 from usdp._progress import progress
@@ -149,8 +150,7 @@ class Endpoint:
             if wc.status == WC_FLUSH:
                 self._on_flush()
             else:
-                self._fail(ConnectionReset(errno.ECONNRESET,
-                                           f"receive failed (wc status {wc.status})"))
+                self._fail(from_wc(wc.status, "receive"))
             return
         if self.conn.error is not None:
             return

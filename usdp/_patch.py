@@ -19,13 +19,22 @@ decided per operation, from the rules (``usdp._rules``):
   that is readable when either is, so ``selectors``-based servers need no change) and
   ``accept()`` takes whichever connection is ready first.
 
+A non-blocking ``connect`` (asyncio's ``sock_connect``) that may use SDP runs the RDMA
+setup in a thread and raises ``BlockingIOError`` (EINPROGRESS) at once, like a kernel
+socket; ``getsockopt(SO_ERROR)`` reports the outcome once it is known (EINPROGRESS until
+then), and a ``both`` rule that falls back hands over to the kernel's own non-blocking
+connect.
+
 Options set before the decision (timeouts, ``setsockopt``) are applied to the kernel socket
 at once, as usual, and replayed on the SdpSocket when one is made. Accepted RDMA
 connections are plain :class:`~usdp.SdpSocket` objects. Every connection logs, on the
-``usdp`` logger at INFO, which transport it got and which rule decided it.
+``usdp`` logger at INFO, which transport it got (``sdp`` or ``tcp``, the rules' words, as
+:func:`transport_of` says) and which rule decided it.
 
-Not done: a non-blocking ``connect`` that chooses RDMA completes the RDMA handshake before
-returning (bounded by the timeout), instead of raising ``BlockingIOError`` first.
+A socket is in one state at a time (``HybridSocket._usdp_state``): undecided, connecting
+(non-blocking SDP setup under way, or failed), connected over ``sdp`` or ``tcp``, or
+listening in a mode (``sdp``, ``tcp`` or ``both``). Errors raised here are usdp's
+``OSError`` subclasses, as everywhere; the kernel socket's own errors pass through.
 """
 
 from __future__ import annotations
@@ -39,10 +48,12 @@ import socket as _socketmod
 import sys
 import threading
 import time
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from usdp import _rules
 from usdp._config import Options
+from usdp._errors import Timeout, UsdpError, WouldBlock, error_from_errno
 from usdp._socket import AF_INET_SDP, SdpSocket
 
 log = logging.getLogger("usdp")
@@ -52,11 +63,13 @@ _RealSocket = _socketmod.socket
 _INET = (_socketmod.AF_INET, _socketmod.AF_INET6)
 _TYPE_FLAGS = getattr(_socketmod, "SOCK_NONBLOCK", 0) | getattr(_socketmod, "SOCK_CLOEXEC", 0)
 
-Transport = Literal["rdma", "tcp"]
+#: A connection's transport, in the rules' words: ``sdp`` (RDMA) or ``tcp`` (the kernel).
+Transport = Literal["sdp", "tcp"]
 _MIN_RDMA_BACKLOG = 128
+_ROLE_LOG = {"sdp": "sdp", "tcp": "tcp", "both": "sdp+tcp"}
 
 
-class _State:
+class _PatchState:
     """What ``patch()`` set up; one per process, like the patch itself."""
 
     def __init__(self) -> None:
@@ -67,16 +80,65 @@ class _State:
         self.options: Options | None = None
 
 
-_state = _State()
+_state = _PatchState()
 
 
-class _Pending:
-    """A non-blocking connect whose RDMA setup runs in a thread."""
+# ---------------------------------------------------------------------- a socket's state
+#
+#   Undecided --connect, blocking--------------------------------> Connected(sdp | tcp)
+#       |      --connect, non-blocking, rule not tcp--> Connecting --(thread)--^
+#       |                                                   (or stays, failed: err)
+#       +------ --listen-------------------------------------------> Listening(sdp|tcp|both)
 
-    def __init__(self) -> None:
-        self.done = threading.Event()
-        self.err = 0  # the SO_ERROR to report, once done
-        self.kernel = False  # fell back: the kernel socket's own connect is under way
+
+@dataclass(frozen=True)
+class _Undecided:
+    """No connect() or listen() yet: a plain kernel socket, which records what must be
+    replayed on an RDMA socket if one is made."""
+
+    forced: bool = False  # made as AF_INET_SDP: sdp whatever the rules say
+    sockopts: tuple[tuple[Any, ...], ...] = ()  # setsockopt() arguments, in order
+
+
+@dataclass
+class _Connecting:
+    """A non-blocking connect (asyncio's ``sock_connect``) whose SDP setup runs in a
+    thread. Success moves the socket on to :class:`_Connected`; a failure stays here,
+    with ``err`` for ``SO_ERROR`` (reported once, as the kernel does) and for every later
+    ``connect()``."""
+
+    done: threading.Event = field(default_factory=threading.Event)
+    err: int = 0
+    reported: bool = False  # SO_ERROR said it already: the next read gives 0
+
+
+@dataclass(frozen=True)
+class _Connected:
+    """Connected (or, for tcp, connecting in the kernel) over one transport."""
+
+    transport: Transport
+    sdp: SdpSocket | None = None  # the RDMA connection when transport is sdp
+
+
+@dataclass(frozen=True)
+class _Listening:
+    """Listening by a server rule: on RDMA (``sdp``), the kernel (``tcp``) or ``both``.
+
+    With RDMA in the mode the kernel fd stays non-blocking (accept() must not block on one
+    listener while the other has a connection) and the user's timeout lives here.
+    """
+
+    mode: _rules.Use
+    sdp: SdpSocket | None = None  # the RDMA listener unless mode is tcp
+    poll: select.epoll | None = None  # both listeners, for fileno(), when mode is both
+    timeout: float | None = None
+
+    @property
+    def rdma(self) -> bool:
+        return self.mode != "tcp"
+
+
+_SockState = _Undecided | _Connecting | _Connected | _Listening
 
 
 def _program_name() -> str:
@@ -112,17 +174,14 @@ def _is_hybrid(obj: Any) -> bool:
 
 
 class HybridSocket(_RealSocket, metaclass=_Meta):
-    """``socket.socket`` while patched: a kernel socket that turns into RDMA by the rules."""
+    """``socket.socket`` while patched: a kernel socket that turns into SDP by the rules.
 
-    # Class-level defaults, so a subclass built without our __init__ stays plain TCP.
-    _usdp_sdp: SdpSocket | None = None  # the RDMA connection or listener
-    _usdp_listen: _rules.Use | None = None  # what listen() set up
-    _usdp_poll: select.epoll | None = None  # both listeners, for fileno() when "both"
-    _usdp_timeout: float | None = None  # the user's timeout, while the kernel fd is ours
-    _usdp_forced: _rules.Use | None = None
-    _usdp_transport: Transport | None = None
-    _usdp_pending: _Pending | None = None
-    _usdp_opts: tuple[tuple[Any, ...], ...] = ()  # setsockopt calls, to replay
+    Its one piece of state, ``_usdp_state``, is one of :class:`_Undecided`,
+    :class:`_Connecting`, :class:`_Connected` or :class:`_Listening`.
+    """
+
+    # A class-level default, so a subclass built without our __init__ stays plain TCP.
+    _usdp_state: _SockState = _Undecided()
 
     def __new__(cls, family: int = -1, type: int = -1, proto: int = -1,
                 fileno: Any = None) -> Any:
@@ -132,34 +191,46 @@ class HybridSocket(_RealSocket, metaclass=_Meta):
 
     def __init__(self, family: int = -1, type: int = -1, proto: int = -1,
                  fileno: Any = None) -> None:
-        if family == AF_INET_SDP:
-            family, self._usdp_forced = _socketmod.AF_INET, "sdp"
+        forced = family == AF_INET_SDP
+        if forced:
+            family = _socketmod.AF_INET
         super().__init__(family, type, proto, fileno)
+        self._usdp_state = _Undecided(forced=forced)
 
     def __repr__(self) -> str:
         base = super().__repr__()
-        what = self._usdp_transport or (f"listen:{self._usdp_listen}"
-                                        if self._usdp_listen else "undecided")
+        st = self._usdp_state
+        what: str
+        if isinstance(st, _Connected):
+            what = st.transport
+        elif isinstance(st, _Listening):
+            what = f"listen:{st.mode}"
+        else:
+            what = "connecting" if isinstance(st, _Connecting) else "undecided"
         return f"{base[:-1]}, usdp={what}>"
 
     # ------------------------------------------------------------------ helpers
 
     def _conn(self) -> SdpSocket | None:
-        """The RDMA connection, if this socket connected over RDMA."""
-        return self._usdp_sdp if self._usdp_transport == "rdma" else None
+        """The RDMA connection, if this socket connected over SDP."""
+        st = self._usdp_state
+        return st.sdp if isinstance(st, _Connected) else None
 
-    def _rdma_listening(self) -> bool:
-        return self._usdp_listen in ("sdp", "both")
+    def _listening_rdma(self) -> _Listening | None:
+        st = self._usdp_state
+        return st if isinstance(st, _Listening) and st.rdma else None
 
-    def _new_sdp(self) -> SdpSocket:
+    def _new_sdp(self, undecided: _Undecided) -> SdpSocket:
+        """An SdpSocket with the options set on this socket so far."""
         s = SdpSocket(self.family, options=_state.options)
-        for args in self._usdp_opts:
+        for args in undecided.sockopts:
             s.setsockopt(*args)
         return s
 
     def _decide(self, role: _rules.Role, host: str, port: int) -> _rules.Decision:
-        if self._usdp_forced is not None:
-            return _rules.Decision(self._usdp_forced, "AF_INET_SDP")
+        st = self._usdp_state
+        if isinstance(st, _Undecided) and st.forced:
+            return _rules.Decision("sdp", "AF_INET_SDP")
         return _state.rules.decide(role, _state.program, host, port)
 
     def _numeric(self, address: Any) -> tuple[str, int]:
@@ -175,37 +246,44 @@ class HybridSocket(_RealSocket, metaclass=_Meta):
     # ------------------------------------------------------------------ client side
 
     def connect(self, address: Any) -> None:
-        """Connect by the client rule; ``both`` falls back to TCP when RDMA fails.
+        """Connect by the client rule; ``both`` falls back to TCP when SDP fails.
 
-        Non-blocking (asyncio's ``sock_connect``): RDMA setup runs in a thread and this
+        Non-blocking (asyncio's ``sock_connect``): SDP setup runs in a thread and this
         raises ``BlockingIOError`` (EINPROGRESS) like a kernel socket; ``getsockopt(SO_ERROR)``
         then reports the outcome once it is known (see there).
         """
-        p = self._usdp_pending
-        if p is not None:
-            if not p.done.is_set():
-                raise BlockingIOError(errno.EALREADY, "Operation already in progress")
-            if not p.kernel:
-                code = p.err or errno.EISCONN
-                raise OSError(code, os.strerror(code))
-        if self._usdp_transport is not None or self._usdp_listen is not None:
-            super().connect(address)  # the kernel's EISCONN/EINVAL, as usual
+        st = self._usdp_state
+        if isinstance(st, _Connecting):
+            if not st.done.is_set():
+                raise error_from_errno(errno.EALREADY, "Operation already in progress")
+            code = st.err or errno.EIO  # done, yet here: it failed
+            raise error_from_errno(code, f"connect failed: {os.strerror(code)}")
+        if isinstance(st, _Connected) and st.transport == "sdp":
+            raise error_from_errno(errno.EISCONN, "socket is already connected (sdp)")
+        if isinstance(st, _Listening) and st.mode == "sdp":
+            raise error_from_errno(errno.EINVAL, "socket is listening (sdp)")
+        if not isinstance(st, _Undecided):
+            super().connect(address)  # the kernel's EISCONN/EALREADY/EINVAL, as usual
             return
         host, port = self._numeric(address)
         d = self._decide("client", host, port)
         if d.use != "tcp" and self.gettimeout() == 0.0:
-            self._usdp_pending = p = _Pending()
+            job = _Connecting()
+            self._usdp_state = job
             threading.Thread(target=self._connect_in_background, name="usdp-connect",
-                             args=(p, address, host, port, d), daemon=True).start()
-            raise BlockingIOError(errno.EINPROGRESS, "Operation now in progress")
-        if d.use != "tcp" and self._connect_rdma(host, port, d):
+                             args=(job, st, address, host, port, d), daemon=True).start()
+            raise WouldBlock(errno.EINPROGRESS, "Operation now in progress")
+        if d.use != "tcp" and self._connect_sdp(st, host, port, d):
             return
-        self._connect_tcp(address, host, port, d)
+        self._usdp_state = _Connected("tcp")
+        log.info("%s -> %s:%d over tcp [%s]", _state.program, host, port, d.where)
+        super().connect(address)
 
-    def _connect_rdma(self, host: str, port: int, d: _rules.Decision) -> bool:
-        """True if connected over RDMA; False to fall back (``both``); raises (``sdp``)."""
+    def _connect_sdp(self, undecided: _Undecided, host: str, port: int,
+                     d: _rules.Decision) -> bool:
+        """True if connected over SDP; False to fall back (``both``); raises (``sdp``)."""
         user_timeout = self.gettimeout()
-        s = self._new_sdp()
+        s = self._new_sdp(undecided)
         budget = user_timeout if d.use == "sdp" else _state.rules.rdma_timeout
         if user_timeout and budget:
             budget = min(budget, user_timeout)
@@ -217,34 +295,31 @@ class HybridSocket(_RealSocket, metaclass=_Meta):
             s.close()
             if d.use == "sdp":
                 raise
-            log.info("%s -> %s:%d: rdma failed (%s: %s), falling back to tcp [%s]",
+            log.info("%s -> %s:%d: sdp failed (%s: %s), falling back to tcp [%s]",
                      _state.program, host, port, type(exc).__name__, exc, d.where)
             return False
-        self._usdp_sdp, self._usdp_transport = s, "rdma"
-        log.info("%s -> %s:%d over rdma [%s]", _state.program, host, port, d.where)
+        self._usdp_state = _Connected("sdp", s)
+        log.info("%s -> %s:%d over sdp [%s]", _state.program, host, port, d.where)
         return True
 
-    def _connect_tcp(self, address: Any, host: str, port: int, d: _rules.Decision) -> None:
-        self._usdp_transport = "tcp"
-        log.info("%s -> %s:%d over tcp [%s]", _state.program, host, port, d.where)
-        super().connect(address)
-
-    def _connect_in_background(self, p: _Pending, address: Any, host: str, port: int,
-                               d: _rules.Decision) -> None:
+    def _connect_in_background(self, job: _Connecting, undecided: _Undecided, address: Any,
+                               host: str, port: int, d: _rules.Decision) -> None:
         try:
-            if not self._connect_rdma(host, port, d):
+            if not self._connect_sdp(undecided, host, port, d):
+                log.info("%s -> %s:%d over tcp [%s]", _state.program, host, port, d.where)
                 try:
-                    self._connect_tcp(address, host, port, d)
+                    _RealSocket.connect(self, address)  # non-blocking: under way
                 except BlockingIOError:
                     pass
-                p.kernel = True  # under way: from here on the kernel socket reports
+                # Only now: until the kernel's connect is under way, SO_ERROR is ours.
+                self._usdp_state = _Connected("tcp")
         except OSError as exc:
-            p.err = exc.errno or errno.EIO
+            job.err = exc.errno or errno.EIO
         except BaseException:  # pragma: no cover - never leave the caller waiting
-            p.err = errno.EIO
+            job.err = errno.EIO
             raise
         finally:
-            p.done.set()
+            job.done.set()
 
     def connect_ex(self, address: Any) -> int:
         try:
@@ -258,12 +333,13 @@ class HybridSocket(_RealSocket, metaclass=_Meta):
     # ------------------------------------------------------------------ server side
 
     def listen(self, backlog: int = min(_socketmod.SOMAXCONN, 128)) -> None:
-        """Listen by the server rule for the bound address: RDMA, TCP or both at once."""
-        if self._usdp_listen is not None:
-            if self._usdp_listen != "sdp":
+        """Listen by the server rule for the bound address: SDP, TCP or both at once."""
+        st = self._usdp_state
+        if isinstance(st, _Listening):
+            if st.mode != "sdp":
                 super().listen(backlog)
             return
-        if self._usdp_transport is not None:
+        if not isinstance(st, _Undecided):
             super().listen(backlog)  # the kernel's error for a connected socket
             return
         host, port = super().getsockname()[:2]
@@ -271,57 +347,57 @@ class HybridSocket(_RealSocket, metaclass=_Meta):
             super().bind(("::" if self.family == _socketmod.AF_INET6 else "0.0.0.0", 0))
             host, port = super().getsockname()[:2]
         d = self._decide("server", host, port)
-        use = d.use
-        if use != "tcp":
-            s = self._new_sdp()
+        mode = d.use
+        sdp = None
+        if mode != "tcp":
+            sdp = self._new_sdp(st)
             try:
-                s.bind((host, port))  # the kernel chose the port: RDMA takes the same one
+                sdp.bind((host, port))  # the kernel chose the port: RDMA takes the same one
                 # A connection request beyond the CM's backlog is dropped and retried only
                 # after the CM's response timeout (seconds, where TCP retries a SYN after
                 # 1 s): socketserver's listen(5) made 32 clients take 30 s on rxe.
-                s.listen(max(backlog, _MIN_RDMA_BACKLOG))
-                s.setblocking(False)
+                sdp.listen(max(backlog, _MIN_RDMA_BACKLOG))
+                sdp.setblocking(False)
             except OSError as exc:
-                s.close()
-                if use == "sdp":
+                sdp.close()
+                sdp = None
+                if mode == "sdp":
                     raise
-                log.warning("%s: no rdma listener on %s:%d (%s); tcp only [%s]",
+                log.warning("%s: no sdp listener on %s:%d (%s); tcp only [%s]",
                             _state.program, host, port, exc, d.where)
-                use = "tcp"
-            else:
-                self._usdp_sdp = s
-        if use != "sdp":
+                mode = "tcp"
+        if mode != "sdp":
             super().listen(backlog)
-        if use != "tcp":
-            # From now on the kernel fd stays non-blocking (accept() must not block on one
-            # listener while the other has a connection); the user's timeout lives here.
-            self._usdp_timeout = super().gettimeout()
+        timeout, poll = None, None
+        if sdp is not None:
+            timeout = super().gettimeout()
             super().settimeout(0.0)
-        if use == "both":
-            assert self._usdp_sdp is not None
-            self._usdp_poll = select.epoll()
-            self._usdp_poll.register(self._usdp_sdp.fileno(), select.EPOLLIN)
-            self._usdp_poll.register(super().fileno(), select.EPOLLIN)
-        self._usdp_listen = use
+        if mode == "both":
+            assert sdp is not None
+            poll = select.epoll()
+            poll.register(sdp.fileno(), select.EPOLLIN)
+            poll.register(super().fileno(), select.EPOLLIN)
+        self._usdp_state = _Listening(mode, sdp, poll, timeout)
         log.info("%s listening on %s:%d over %s [%s]", _state.program, host, port,
-                 {"sdp": "rdma", "tcp": "tcp", "both": "rdma+tcp"}[use], d.where)
+                 _ROLE_LOG[mode], d.where)
 
     def accept(self) -> tuple[Any, Any]:
-        """The next connection: a kernel socket (TCP) or an :class:`SdpSocket` (RDMA)."""
-        if not self._rdma_listening():
+        """The next connection: a kernel socket (TCP) or an :class:`SdpSocket` (SDP)."""
+        st = self._listening_rdma()
+        if st is None:
             conn, addr = super().accept()
-            if self._usdp_listen is not None:
+            if isinstance(self._usdp_state, _Listening):
                 log.info("%s accepted %s over tcp", _state.program, _fmt(addr))
             return conn, addr
-        sdp = self._usdp_sdp
+        sdp = st.sdp
         assert sdp is not None
-        timeout = self._usdp_timeout
+        timeout = st.timeout
         deadline = None if timeout is None else time.monotonic() + timeout
         poller = select.poll()
         sdp_fd = sdp.fileno()
         poller.register(sdp_fd, select.POLLIN)
         tcp_fd = -1
-        if self._usdp_listen == "both":
+        if st.mode == "both":
             tcp_fd = super().fileno()
             poller.register(tcp_fd, select.POLLIN)
         while True:
@@ -339,31 +415,34 @@ class HybridSocket(_RealSocket, metaclass=_Meta):
                 except OSError as exc:
                     if fd == tcp_fd:
                         raise
-                    log.warning("%s: rdma connection attempt failed: %s",
+                    log.warning("%s: sdp connection attempt failed: %s",
                                 _state.program, exc)
                     continue
                 c.settimeout(_socketmod.getdefaulttimeout())  # as accept() does for TCP
-                log.info("%s accepted %s over rdma", _state.program, _fmt(addr))
+                log.info("%s accepted %s over sdp", _state.program, _fmt(addr))
                 return c, addr
             if not ready and deadline is not None and time.monotonic() >= deadline:
                 if timeout == 0.0:
-                    raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
-                raise TimeoutError("timed out")
+                    raise WouldBlock(errno.EAGAIN, "Resource temporarily unavailable")
+                raise Timeout(errno.ETIMEDOUT, "timed out")
 
     # ------------------------------------------------------------------ readiness, timeouts
 
     def fileno(self) -> int:
-        if self._usdp_poll is not None:
-            return self._usdp_poll.fileno()
-        if self._usdp_sdp is not None and not getattr(self, "_closed", False):
-            return self._usdp_sdp.fileno()
+        st = self._usdp_state
+        if isinstance(st, _Listening) and st.poll is not None:
+            return st.poll.fileno()
+        sdp = st.sdp if isinstance(st, _Listening | _Connected) else None
+        if sdp is not None and not getattr(self, "_closed", False):
+            return sdp.fileno()
         return super().fileno()
 
     def settimeout(self, value: float | None) -> None:
-        if self._rdma_listening():
+        st = self._listening_rdma()
+        if st is not None:
             super().settimeout(value)  # validates the value as the stdlib does
             super().settimeout(0.0)
-            self._usdp_timeout = value if value is None else float(value)
+            self._usdp_state = replace(st, timeout=value if value is None else float(value))
             return
         super().settimeout(value)
         conn = self._conn()
@@ -371,9 +450,8 @@ class HybridSocket(_RealSocket, metaclass=_Meta):
             conn.settimeout(value)
 
     def gettimeout(self) -> float | None:
-        if self._rdma_listening():
-            return self._usdp_timeout
-        return super().gettimeout()
+        st = self._listening_rdma()
+        return st.timeout if st is not None else super().gettimeout()
 
     def setblocking(self, flag: bool) -> None:
         self.settimeout(None if flag else 0.0)
@@ -383,23 +461,27 @@ class HybridSocket(_RealSocket, metaclass=_Meta):
 
     def setsockopt(self, level: int, optname: int, *value: Any) -> None:
         super().setsockopt(level, optname, *value)
-        self._usdp_opts = (*self._usdp_opts, (level, optname, *value))
+        st = self._usdp_state
+        if isinstance(st, _Undecided):
+            self._usdp_state = replace(st, sockopts=(*st.sockopts, (level, optname, *value)))
         conn = self._conn()
         if conn is not None:
             conn.setsockopt(level, optname, *value)
 
     def getsockopt(self, level: int, optname: int, *buflen: Any) -> Any:
-        p = self._usdp_pending
-        if p is not None and not (p.done.is_set() and p.kernel) and (level, optname) == (
+        st = self._usdp_state
+        if isinstance(st, _Connecting) and (level, optname) == (
                 _socketmod.SOL_SOCKET, _socketmod.SO_ERROR):
             # asyncio waits for the kernel fd to be writable, which an unconnected socket
             # is at once, then asks SO_ERROR; BlockingIOError makes it ask again. The short
             # wait keeps that from spinning while the handshake runs.
-            if not p.done.wait(0.002):
-                raise BlockingIOError(errno.EINPROGRESS, "Operation now in progress")
-            if not p.kernel:
-                err, p.err = p.err, 0
+            if not st.done.wait(0.002):
+                raise WouldBlock(errno.EINPROGRESS, "Operation now in progress")
+            if self._usdp_state is st:  # failed: report it once, as the kernel does
+                err = 0 if st.reported else st.err
+                st.reported = True
                 return err
+            return self.getsockopt(level, optname, *buflen)  # moved on: ask the new state
         conn = self._conn()
         if conn is not None and not buflen:
             return conn.getsockopt(level, optname)
@@ -449,8 +531,9 @@ class HybridSocket(_RealSocket, metaclass=_Meta):
             super().shutdown(how)
 
     def _no_rdma(self, what: str) -> None:
-        if self._usdp_sdp is not None:
-            raise OSError(errno.EOPNOTSUPP, f"{what} is not supported on an RDMA socket")
+        st = self._usdp_state
+        if isinstance(st, _Listening | _Connected) and st.sdp is not None:
+            raise UsdpError(errno.EOPNOTSUPP, f"{what} is not supported on an SDP socket")
 
     def detach(self) -> int:
         self._no_rdma("detach()")
@@ -461,12 +544,15 @@ class HybridSocket(_RealSocket, metaclass=_Meta):
         return super().dup()
 
     def _real_close(self, _ss: Any = _socketmod._socket.socket) -> None:  # type: ignore[attr-defined]
-        sdp, self._usdp_sdp = self._usdp_sdp, None
-        poll, self._usdp_poll = self._usdp_poll, None
-        if poll is not None:
-            poll.close()
-        if sdp is not None:
-            sdp.close()
+        st = self._usdp_state
+        if isinstance(st, _Listening):
+            if st.poll is not None:
+                st.poll.close()
+            self._usdp_state = replace(st, sdp=None, poll=None)
+        if isinstance(st, _Listening | _Connected) and st.sdp is not None:
+            st.sdp.close()
+            if isinstance(st, _Connected):
+                self._usdp_state = replace(st, sdp=None)
         super()._real_close(_ss)  # type: ignore[misc]
 
 
@@ -514,9 +600,9 @@ def is_patched() -> bool:
 
 
 def transport_of(sock: Any) -> Transport:
-    """``"rdma"`` or ``"tcp"``: the transport of a connection (or of a listener that uses
-    only one). Takes a socket, an :class:`SdpSocket`, an asyncio transport or StreamWriter,
-    or an ``asyncio.Server``'s ``sockets`` entry.
+    """``"sdp"`` (RDMA) or ``"tcp"``: the transport of a connection (or of a listener that
+    uses only one), in the rules' words. Takes a socket, an :class:`SdpSocket`, an asyncio
+    transport or StreamWriter, or an ``asyncio.Server``'s ``sockets`` entry.
     """
     extra = getattr(sock, "get_extra_info", None)
     if extra is not None:
@@ -527,15 +613,15 @@ def transport_of(sock: Any) -> Transport:
     if type(sock).__name__ == "TransportSocket":  # asyncio's wrapper (Server.sockets, extra)
         sock = sock._sock
     if isinstance(sock, SdpSocket):
-        return "rdma"
+        return "sdp"
     if _is_hybrid(sock):
-        done: Transport | None = sock._usdp_transport
-        if done is not None:
-            return done
-        if sock._usdp_listen in ("sdp", "tcp"):
-            return "rdma" if sock._usdp_listen == "sdp" else "tcp"
-        if sock._usdp_listen == "both":
-            raise ValueError("this listener accepts both rdma and tcp: ask its connections")
+        st = sock._usdp_state
+        if isinstance(st, _Connected):
+            return st.transport
+        if isinstance(st, _Listening):
+            if st.mode == "both":
+                raise ValueError("this listener accepts both sdp and tcp: ask its connections")
+            return st.mode
         raise ValueError("the transport is decided at connect() or listen(): not yet")
     if isinstance(sock, _RealSocket):
         if sock.family in _INET and sock.type == _socketmod.SOCK_STREAM:

@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from usdp._config import rules_path_from_env
+
 Use = Literal["sdp", "tcp", "both"]
 Role = Literal["server", "client"]
 _USES: tuple[Use, ...] = ("sdp", "tcp", "both")
@@ -199,7 +201,7 @@ def load(path: str | os.PathLike[str] | None = None) -> Rules:
 
     A file named explicitly (argument or variable) must exist; the per-user one may not.
     """
-    explicit = path if path is not None else os.environ.get("USDP_CONFIG") or None
+    explicit = path if path is not None else rules_path_from_env()
     p = Path(explicit) if explicit is not None else default_path()
     if explicit is None and not p.exists():
         return Rules()

@@ -18,16 +18,13 @@ The cork has two reasons to exist, both SDP's BCopy buffering:
 
 from __future__ import annotations
 
-import errno
 import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-import pyverbs.enums as e
-
 from usdp._connection import Connection
-from usdp._errors import ConnectionReset, UsdpError
+from usdp._errors import UsdpError, from_wc
 from usdp._liveness import AckWatch
 from usdp._signaling import (
     SignalPolicy,
@@ -140,13 +137,9 @@ class SendPath:
         status = wc.status
         if status == WC_FLUSH:
             self._on_flush()
-        elif status == e.IBV_WC_RETRY_EXC_ERR:
-            # As a reset (the documented outcome of a dead peer), with the real reason.
-            self._fail(ConnectionReset(errno.ECONNRESET, "connection reset: transport retries "
-                                       "exhausted (peer or link down, or heavy loss or "
-                                       "reordering on the link)"))
         elif status != WC_SUCCESS:
-            self._fail(ConnectionReset(errno.ECONNRESET, f"send failed (wc status {status})"))
+            # Retries exhausted is a reset (the documented outcome of a dead peer).
+            self._fail(from_wc(status, "send"))
         slot = wc.wr_id
         inflight, free, signaled = self.inflight, self.free, self._signaled
         while inflight:

@@ -15,15 +15,14 @@ import contextlib
 import errno
 import logging
 import time
+from collections.abc import Iterator
 from typing import Any
-
-import pyverbs.enums as e
 
 from usdp import _cm
 from usdp._config import Options
 from usdp._endpoint import Endpoint
-from usdp._errors import ConnectionAborted, HandshakeError, UsdpError
-from usdp._verbs import Device, QPResources
+from usdp._errors import ConnectionAborted, HandshakeError, UsdpError, with_context
+from usdp._verbs import QPS_INIT, QPS_RTR, QPS_RTS, Device, QPResources
 from usdp._wire import (
     Features,
     HandshakeKind,
@@ -63,10 +62,15 @@ def _post_all(res: QPResources) -> None:
 
 def connect(dst: _cm.SockAddr, src: str | None, opts: Options,
             timeout: float | None) -> Endpoint:
-    """Open a connection to a usdp listener at ``dst``."""
+    """Open a connection to a usdp listener at ``dst``.
+
+    Every error names ``host:port`` and the failing step: resolve address, resolve route,
+    create the queue pair, connect, handshake.
+    """
     step = opts.handshake_timeout if timeout is None else timeout
     deadline = time.monotonic() + step
-    chan = _cm.Channel()
+    at = f"{dst[0]}:{dst[1]}"
+    chan = _cm.Channel(f"connect to {at}: open the RDMA connection manager")
     cmid = None
     res = None
     try:
@@ -75,22 +79,24 @@ def connect(dst: _cm.SockAddr, src: str | None, opts: Options,
         # Send slots must hold our largest frame. We learn the peer's slot size only from
         # the HelloAck, but negotiate() caps frames at min(peer slot, our max_msg), and
         # our max_msg is our own slot size: that bound is known now.
-        res = _resources(cmid, opts, opts.recv_buf_size)
-        res.modify(cmid, e.IBV_QPS_INIT)
-        _post_all(res)
+        with _step(f"connect to {at}: create the queue pair"):
+            res = _resources(cmid, opts, opts.recv_buf_size)
+            res.modify(cmid, QPS_INIT)
+            _post_all(res)
         hello = _hello(opts, HandshakeKind.HELLO)
         param = _cm.conn_param(res.qp_num, hello.encode(), accept=False)
-        _cm.cm_call("rdma_connect", cmid.connect, param)
-        ev = chan.get(max(0.0, deadline - time.monotonic()))
+        _cm.cm_call(f"connect to {at}", cmid.connect, param)
+        ev = _cm.expect(chan, None, deadline, f"connect to {at}")
         if ev.type == _cm.EV.RDMA_CM_EVENT_REJECTED:
-            raise error_from_reject(ev.private_data)
+            raise error_from_reject(ev.private_data, f"connect to {at}")
         if ev.type != _cm.EV.RDMA_CM_EVENT_CONNECT_RESPONSE:
-            raise _cm.event_error(ev, f"connecting to {dst[0]}:{dst[1]}")
-        peer = decode_hello(ev.private_data, expect_kind=HandshakeKind.HELLO_ACK)
-        params = negotiate(hello, peer)
-        res.modify(cmid, e.IBV_QPS_RTR)
-        res.modify(cmid, e.IBV_QPS_RTS)
-        cmid.establish()
+            raise _cm.event_error(ev, f"connect to {at}")
+        with _step(f"connect to {at}: handshake"):
+            peer = decode_hello(ev.private_data, expect_kind=HandshakeKind.HELLO_ACK)
+            params = negotiate(hello, peer)
+            res.modify(cmid, QPS_RTR)
+            res.modify(cmid, QPS_RTS)
+            _cm.cm_call("establish", cmid.establish)
         ep = Endpoint(cmid, chan, res, params, defer=opts.defer, signal_every=opts.signal_every,
                       zcopy_threshold=opts.zcopy_threshold, ack_timeout=opts.ack_timeout,
                       busy_poll=opts.busy_poll)
@@ -106,16 +112,30 @@ def connect(dst: _cm.SockAddr, src: str | None, opts: Options,
         raise
 
 
+@contextlib.contextmanager
+def _step(what: str) -> Iterator[None]:
+    """Errors raised inside name the step (and host:port) they happened in."""
+    try:
+        yield
+    except UsdpError as exc:
+        raise with_context(exc, what) from exc
+
+
 class Listener:
     """A bound, listening CM id; ``accept`` completes one handshake at a time."""
 
     def __init__(self, addr: _cm.SockAddr, backlog: int, opts: Options, family: int) -> None:
         self.opts = opts
-        self.chan = _cm.Channel()
+        self.chan = _cm.Channel(f"listen on {addr[0]}:{addr[1]}: open the RDMA connection "
+                                "manager")
         try:
             self.cmid = _cm.new_id(self.chan)
             _cm.bind_listen(self.cmid, addr, backlog, family)
         except BaseException:
+            # The id before its channel: left to the GC, it would be destroyed after the
+            # channel and pyverbs would print "Failed to close CMID" (EBADF).
+            if getattr(self, "cmid", None) is not None:
+                _close_quietly(self.cmid)
             self.chan.close()
             raise
         self.addr = _cm.local_addr(self.cmid)
@@ -143,9 +163,7 @@ class Listener:
                                             f"handshake failed: {exc}") from exc
 
     def _handshake(self, ev: _cm.Event) -> tuple[Endpoint, _cm.SockAddr]:
-        from pyverbs.cmid import CMID
-
-        child = CMID(creator=ev.raw, listen_id=self.cmid)
+        child = _cm.request_id(ev, self.cmid)
         ev.raw.ack_cm_event()
         peer_addr = _cm.peer_addr(child)
         try:
@@ -163,12 +181,12 @@ class Listener:
         try:
             _cm.migrate(child, chan)
             res = _resources(child, self.opts, peer.recv_buf_size)
-            res.modify(child, e.IBV_QPS_INIT)
+            res.modify(child, QPS_INIT)
             _post_all(res)
             ack = _hello(self.opts, HandshakeKind.HELLO_ACK)
             params = negotiate(ack, peer)
-            res.modify(child, e.IBV_QPS_RTR)
-            res.modify(child, e.IBV_QPS_RTS)
+            res.modify(child, QPS_RTR)
+            res.modify(child, QPS_RTS)
             param = _cm.conn_param(res.qp_num, ack.encode(), accept=True)
             child.accept(param)
             # Not waiting for ESTABLISHED (the active side's RTU): our QP is already in

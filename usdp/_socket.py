@@ -15,19 +15,37 @@ import io
 import socket as _stdsocket
 import threading
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from usdp import _cm, _setup
 from usdp._config import KEEPALIVE_DEFAULT, Options
-from usdp._endpoint import Endpoint
 from usdp._errors import (
     AlreadyConnected,
     BrokenPipe,
+    DeviceError,
     InvalidArgument,
     NotConnected,
     UsdpError,
     error_from_errno,
+    with_context,
 )
+
+if TYPE_CHECKING:  # imported when first used: they need pyverbs (see _load_rdma)
+    from usdp import _setup
+    from usdp._endpoint import Endpoint
+
+
+def _load_rdma(what: str) -> None:
+    """Import ``usdp._setup`` (and with it pyverbs) on the first connect or listen.
+
+    ``import usdp`` does not need pyverbs: the pure modules, the rules and the drop-in's
+    TCP side work without it. Without pyverbs, this raises a :class:`DeviceError`
+    naming ``what`` (the step and address) and the fix.
+    """
+    try:
+        import usdp._setup  # noqa: F401
+    except DeviceError as exc:
+        raise with_context(exc, what) from exc
+
 
 #: The address family number the SDP kernel module used, for code that asks for SDP by name.
 AF_INET_SDP = 27
@@ -132,7 +150,9 @@ class SdpSocket:
         if self._listener is not None:
             return self._listener.addr
         if self._ep is not None:
-            return _cm.local_addr(self._ep.cmid)
+            from usdp._cm import local_addr
+
+            return local_addr(self._ep.cmid)
         if self._bound is not None:
             return self._bound
         return ("0.0.0.0", 0)
@@ -155,8 +175,10 @@ class SdpSocket:
         # RDMA CM drops connection requests beyond the backlog and the client's CM retries
         # only after seconds (TCP: 1 s), so a small backlog (socketserver's 5) stalls
         # bursts of clients: never go below 128.
-        self._listener = _setup.Listener(self._bound, max(backlog, 128), self._opts,
-                                         self.family)
+        _load_rdma(f"listen on {self._bound[0]}:{self._bound[1]}")
+        from usdp._setup import Listener
+
+        self._listener = Listener(self._bound, max(backlog, 128), self._opts, self.family)
 
     def accept(self) -> tuple[SdpSocket, _Address]:
         """Wait for a connection; returns ``(SdpSocket, (host, port))``."""
@@ -181,9 +203,13 @@ class SdpSocket:
             raise InvalidArgument(errno.EINVAL, "socket is listening")
         host, port = address[0], int(address[1])
         src = self._bound[0] if self._bound else None
-        self._ep = _setup.connect((host, port), src, self._opts,
-                                  self._timeout if self._timeout else None)
-        self._peer = _cm.peer_addr(self._ep.cmid)
+        _load_rdma(f"connect to {host}:{port}")
+        from usdp._cm import peer_addr
+        from usdp._setup import connect
+
+        self._ep = connect((host, port), src, self._opts,
+                           self._timeout if self._timeout else None)
+        self._peer = peer_addr(self._ep.cmid)
         self._apply_options(self._ep)
 
     def _apply_options(self, ep: Endpoint) -> None:

@@ -24,22 +24,49 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import logging
 import mmap
 import os
 import threading
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
-import pyverbs.enums as e
-from pyverbs.cq import CQ, CompChannel
-from pyverbs.device import Context
-from pyverbs.mr import MR
-from pyverbs.pd import PD
-from pyverbs.pyverbs_error import PyverbsError, PyverbsRDMAError
-from pyverbs.qp import QP, QPAttr, QPCap, QPInitAttr
-from pyverbs.wr import SGE, RecvWR, SendWR
-
-from usdp._errors import DeviceError, UsdpError, error_from_errno
+from usdp._errors import NO_DEVICE_HINT, DeviceError, UsdpError, from_pyverbs, no_pyverbs
 from usdp._fdfind import COMP_CHANNEL, create_with_fd
+
+
+@contextlib.contextmanager
+def importing_pyverbs() -> Iterator[None]:
+    """Wrap the imports of pyverbs (here and in ``_cm``, the only modules that make them).
+
+    Importing ``pyverbs.base`` runs ``logging.basicConfig(level=INFO)``, which would print
+    every INFO record of the user's program: the root logger's handlers and level are put
+    back as they were. A Python without pyverbs gets a :class:`DeviceError` that names the
+    fix instead of a bare ``ModuleNotFoundError``: ``import usdp`` itself never imports
+    pyverbs, only the first RDMA connect or listen does (through this module).
+    """
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        yield
+    except ImportError as exc:
+        raise no_pyverbs(exc) from exc
+    finally:
+        for h in root.handlers[:]:
+            if h not in handlers:
+                root.removeHandler(h)
+        root.setLevel(level)
+
+
+with importing_pyverbs():
+    import pyverbs.enums as e
+    from pyverbs.cq import CQ, CompChannel
+    from pyverbs.device import Context
+    from pyverbs.mr import MR
+    from pyverbs.pd import PD
+    from pyverbs.pyverbs_error import PyverbsError, PyverbsRDMAError
+    from pyverbs.qp import QP, QPAttr, QPCap, QPInitAttr
+    from pyverbs.wr import SGE, RecvWR, SendWR
 
 #: RC transport timers: 4.096 us * 2**14 (~67 ms) before a retransmission. ``retry_cnt`` 7
 #: means "retry forever" on rxe. With any smaller count, rxe also spends a retry on every
@@ -56,14 +83,15 @@ MIN_RNR_TIMER = 12
 
 WC_SUCCESS = e.IBV_WC_SUCCESS
 WC_FLUSH = e.IBV_WC_WR_FLUSH_ERR
+#: QP states connection setup moves through (``QPResources.modify``).
+QPS_INIT, QPS_RTR, QPS_RTS = e.IBV_QPS_INIT, e.IBV_QPS_RTR, e.IBV_QPS_RTS
+ACCESS_LOCAL_WRITE = e.IBV_ACCESS_LOCAL_WRITE
+ACCESS_REMOTE_READ = e.IBV_ACCESS_REMOTE_READ
 
 
 def verbs_error(exc: PyverbsError, what: str) -> UsdpError:
-    """Translate a pyverbs exception into our OSError tree, keeping its errno."""
-    code = getattr(exc, "error_code", -1)
-    if not isinstance(code, int) or code <= 0:
-        code = errno.EIO
-    return error_from_errno(code, f"{what}: {exc}")
+    """Translate a pyverbs exception (kept for callers; see ``_errors.from_pyverbs``)."""
+    return from_pyverbs(exc, what)
 
 
 class Device:
@@ -77,7 +105,8 @@ class Device:
             self.ctx = Context(name=name)
             self.pd = PD(self.ctx)
         except PyverbsError as exc:
-            raise DeviceError(errno.ENODEV, f"cannot open RDMA device {name!r}: {exc}") from exc
+            raise DeviceError(errno.ENODEV, f"opening RDMA device {name!r}: {exc}; "
+                              f"{NO_DEVICE_HINT}") from exc
         self.name = name
 
     @classmethod

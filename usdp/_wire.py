@@ -34,9 +34,17 @@ with zeros by the CM. Both are 16 bytes, and decoders ignore trailing bytes. A l
 refuses a connection puts a :class:`Reject` in the CM reject's private data.
 :func:`negotiate` turns the two Hellos into the :class:`Params` of one connection.
 
-The zero-copy extended headers (SrcAvail, SinkAvail, RdmaRd/WrCompl) have codecs here so the
-layout is fixed and tested now. The connection rejects those messages until zero-copy is
-negotiated (a later protocol revision).
+Zero-copy
+---------
+Hello and HelloAck carry a features word; ``Features.ZCOPY`` offered by both sides turns
+on zero-copy for the connection (:attr:`Params.zcopy`, every usdp peer offers it since it
+costs nothing until a SrcAvail arrives). The extended headers of SrcAvail and RdmaRdCompl
+are used (read zero-copy: the receiver RDMA-reads the sender's advertised buffer, see
+docs/protocol.md section 10); SinkAvail and RdmaWrCompl have codecs so their layout is
+fixed, but the connection refuses them as a protocol error: usdp never sends them.
+
+The reject reasons (:class:`RejectReason`) live in ``usdp._errors`` with the mapping of a
+Reject to an exception (``from_reject``), and are re-exported here.
 """
 
 from __future__ import annotations
@@ -47,7 +55,7 @@ from dataclasses import dataclass
 from enum import IntEnum, IntFlag
 from typing import Final
 
-from usdp._errors import ConnectionRefused, HandshakeError, ProtocolError, UsdpError
+from usdp._errors import HandshakeError, ProtocolError, RejectReason, UsdpError, from_reject
 
 __all__ = [
     "HEADER_SIZE",
@@ -398,17 +406,6 @@ class HandshakeKind(IntEnum):
     REJECT = 2
 
 
-class RejectReason(IntEnum):
-    """Why a listener refused a connection (u16 in the Reject private data)."""
-
-    VERSION = 1
-    BAD_PARAMS = 2
-    NOT_USDP = 3
-    BACKLOG = 4
-    NO_RESOURCES = 5
-    SHUTDOWN = 6
-
-
 _REASONS: Final[dict[int, RejectReason]] = {int(r): r for r in RejectReason}
 
 
@@ -519,17 +516,9 @@ class Reject:
         raw = raw.decode("utf-8", "ignore").encode("utf-8")
         return _REJECT.pack(MAGIC, PROTOCOL_VERSION, HandshakeKind.REJECT, self.reason) + raw
 
-    def to_error(self) -> UsdpError:
-        """The exception a connecting socket raises for this Reject.
-
-        Busy or closing listeners look like TCP's refused connection (ECONNREFUSED), so
-        ``except ConnectionRefusedError`` catches them; a protocol mismatch is a
-        HandshakeError carrying the reason.
-        """
-        msg = f"connection rejected: {self.reason.name}" + (f" ({self.text})" if self.text else "")
-        if self.reason in (RejectReason.BACKLOG, RejectReason.NO_RESOURCES, RejectReason.SHUTDOWN):
-            return ConnectionRefused(errno.ECONNREFUSED, msg)
-        return HandshakeError(errno.EPROTO, msg, reason=self.reason)
+    def to_error(self, what: str = "") -> UsdpError:
+        """The exception a connecting socket raises for this Reject (``_errors.from_reject``)."""
+        return from_reject(self.reason, self.text, what)
 
 
 def decode_reject(data: Buffer) -> Reject:
@@ -554,18 +543,19 @@ def decode_reject(data: Buffer) -> Reject:
     return Reject(reason, raw.decode("utf-8", "replace"))
 
 
-def error_from_reject(private_data: Buffer | None) -> UsdpError:
-    """Map an RDMA_CM_EVENT_REJECTED to the exception ``connect()`` raises.
+def error_from_reject(private_data: Buffer | None, what: str = "") -> UsdpError:
+    """Map an RDMA_CM_EVENT_REJECTED's private data to the exception ``connect()`` raises.
 
     A reject without a decodable usdp Reject (no listener on that port, a non-usdp
-    listener, an old peer) is :class:`ConnectionRefused`, like a TCP RST answering a SYN.
+    listener, an old peer) is :class:`ConnectionRefused`, like a TCP RST answering a SYN
+    (the mapping itself is ``_errors.from_reject``).
     """
     if private_data:
         try:
-            return decode_reject(private_data).to_error()
+            return decode_reject(private_data).to_error(what)
         except HandshakeError:
             pass
-    return ConnectionRefused(errno.ECONNREFUSED, "connection refused")
+    return from_reject(None, "", what)
 
 
 # --------------------------------------------------------------------------- negotiation

@@ -16,13 +16,18 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import pyverbs.enums as e
-
 from usdp._connection import MAX_ZCOPY, Connection
-from usdp._errors import BrokenPipe, ConnectionReset, RemoteAccessError, Timeout, UsdpError
+from usdp._errors import BrokenPipe, Timeout, UsdpError, from_wc
 from usdp._liveness import AckWatch
 from usdp._sendpath import SendPath
-from usdp._verbs import WC_SUCCESS, QPResources, Ring, UserMR
+from usdp._verbs import (
+    ACCESS_LOCAL_WRITE,
+    ACCESS_REMOTE_READ,
+    WC_SUCCESS,
+    QPResources,
+    Ring,
+    UserMR,
+)
 
 log = logging.getLogger("usdp")
 
@@ -68,7 +73,7 @@ class Zcopy:
         stream cannot be resumed consistently: there is no SrcAvailCancel).
         """
         n = min(len(data), MAX_ZCOPY)
-        mr = UserMR(self.res.dev, data[:n], e.IBV_ACCESS_REMOTE_READ)
+        mr = UserMR(self.res.dev, data[:n], ACCESS_REMOTE_READ)
         conn = self.conn
         try:
             h, payload = conn.src_avail_frame(n, mr.rkey, mr.addr)
@@ -100,11 +105,11 @@ class Zcopy:
         if direct:
             # Registered for this read only: a cached registration would keep the caller's
             # buffer exported (pinned), and a bytearray could then not be resized.
-            dest = UserMR(self.res.dev, out[: chunk.length], e.IBV_ACCESS_LOCAL_WRITE)
+            dest = UserMR(self.res.dev, out[: chunk.length], ACCESS_LOCAL_WRITE)
             laddr, lkey = dest.addr, dest.lkey
         else:
             if self._bounce is None:
-                self._bounce = Ring(self.res.dev, 1, BOUNCE_SIZE, e.IBV_ACCESS_LOCAL_WRITE)
+                self._bounce = Ring(self.res.dev, 1, BOUNCE_SIZE, ACCESS_LOCAL_WRITE)
             laddr, lkey = self._bounce.addr, self._bounce.lkey
         # The read is bounded by the watchdog (ack_timeout), not by the socket timeout
         # (which may be 0 for a non-blocking recv that found these bytes "ready").
@@ -145,12 +150,6 @@ class Zcopy:
             self._fail(self._read_error(wc.status))
 
     def _read_error(self, status: int) -> UsdpError:
-        exc: UsdpError
-        if status == e.IBV_WC_REM_ACCESS_ERR:
-            exc = RemoteAccessError(errno.EREMOTEIO, "RDMA read of the peer's advertised "
-                                    "buffer failed: remote access error (bad rkey, address "
-                                    "or length)")
-        else:
-            exc = ConnectionReset(errno.ECONNRESET, f"RDMA read failed (wc status {status})")
+        exc = from_wc(status, "RDMA read of the peer's advertised buffer")
         log.error("qp%d: %s", self.res.qp_num, exc)
         return exc

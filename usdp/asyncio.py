@@ -75,7 +75,7 @@ async def open_connection(host: str, port: int, *, limit: int = _DEFAULT_LIMIT,
     except BaseException:
         sock.close()
         raise
-    log.info("asyncio -> %s:%d over rdma", host, port)
+    log.info("asyncio -> %s:%d over sdp", host, port)
     return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
 
 
@@ -92,7 +92,7 @@ class _Listener(SdpSocket):
         except UsdpError as exc:
             log.warning("asyncio listener: connection attempt failed: %s", exc)
             raise ConnectionAbortedError(errno.ECONNABORTED, str(exc)) from exc
-        log.info("asyncio accepted %s:%d over rdma", addr[0], addr[1])
+        log.info("asyncio accepted %s:%d over sdp", addr[0], addr[1])
         return conn, addr
 
 

@@ -8,8 +8,8 @@ What ``LD_PRELOAD=libsdp.so`` did for C programs: the socket module is patched
 would run it (``runpy``, with ``sys.argv`` set to what the program expects). Rules come
 from ``--config``, else ``$USDP_CONFIG``, else ``~/.config/usdp/rules.conf``, else the
 built-in default (``both``). ``-v`` logs one line per connection saying which transport it
-got; ``USDP_RECV_BUFS``, ``USDP_RECV_BUF_SIZE`` and ``USDP_SEND_BUFS`` size the rings of
-every RDMA socket (see ``usdp.Options``).
+got; the ``USDP_*`` variables of ``usdp.Options.from_env`` (``USDP_RECV_BUFS``,
+``USDP_ACK_TIMEOUT``, ...) tune every RDMA socket.
 """
 
 from __future__ import annotations
@@ -19,19 +19,15 @@ import logging
 import os
 import runpy
 import sys
-from typing import Any
 
 from usdp import _patch, _rules
 from usdp._config import Options
 
 
 def options_from_env() -> Options:
-    """``Options.from_env()`` plus the ring sizes, for programs we cannot pass them to."""
-    opts = Options.from_env()
-    sizes = {"recv_bufs": "USDP_RECV_BUFS", "recv_buf_size": "USDP_RECV_BUF_SIZE",
-             "send_bufs": "USDP_SEND_BUFS"}
-    changes: dict[str, Any] = {f: int(os.environ[v]) for f, v in sizes.items() if os.environ.get(v)}
-    return dataclasses.replace(opts, **changes) if changes else opts
+    """The options of every RDMA socket of the program: ``Options.from_env()``, the one
+    reader of ``USDP_*`` (ring sizes included), for programs we cannot pass them to."""
+    return Options.from_env()
 
 
 USAGE = """\
@@ -107,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     ns = _parse(sys.argv[1:] if argv is None else argv)
     try:
         rules = _rules.load(ns.config)
-    except _rules.RulesError as exc:
+        options = options_from_env()
+    except (_rules.RulesError, ValueError) as exc:  # ValueError: a bad USDP_* value
         print(f"usdp.run: {exc}", file=sys.stderr)
         return 2
     if ns.verbose:
@@ -124,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         name = os.path.basename(ns.program)
         sys.argv = [ns.program, *ns.rest]
         sys.path[0] = os.path.dirname(os.path.abspath(ns.program))  # as python PROGRAM.py
-    _patch.patch(rules, program=name, options=options_from_env())
+    _patch.patch(rules, program=name, options=options)
     if ns.module is not None:
         runpy.run_module(ns.module, run_name="__main__", alter_sys=True)
     else:

@@ -38,7 +38,7 @@ def test_streams_echo_100_connections(host_a: str, port: int) -> None:
     async def client(i: int, all_open: asyncio.Event, opened: list[int]) -> bytes:
         r, w = await usdp.asyncio.open_connection(host_a, port, options=SMALL)
         try:
-            assert usdp.transport_of(w) == "rdma"
+            assert usdp.transport_of(w) == "sdp"
             opened.append(i)
             if len(opened) == n:
                 all_open.set()
@@ -66,7 +66,7 @@ def test_streams_echo_100_connections(host_a: str, port: int) -> None:
 
     digests = asyncio.run(asyncio.wait_for(main(), TIMEOUT))
     assert len(digests) == n
-    assert accepted == ["rdma"] * n
+    assert accepted == ["sdp"] * n
     # Executor threads for setup (at most min(32, cpus + 4)) and usdp's completion thread;
     # a thread per connection would be 100 or more.
     assert peak_threads < 40, peak_threads
@@ -98,4 +98,4 @@ def test_stdlib_streams_under_patch_use_rdma(host_a: str) -> None:
     finally:
         usdp.unpatch()
     assert lines == [b"line %d\n" % i for i in range(5)]
-    assert client_t == server_t == "rdma"
+    assert client_t == server_t == "sdp"

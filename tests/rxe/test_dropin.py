@@ -111,14 +111,14 @@ def test_http_server_and_urllib_under_usdp_run(host_a: str, port: int, tmp_path:
     server = [*run, "-m", "http.server", "--bind", host_a, "--directory", str(site), str(port)]
     with background(server) as srv:
         started = wait_for_line(srv, "listening on", TIMEOUT)
-        assert f"listening on {host_a}:{port} over rdma [" in started, started
+        assert f"listening on {host_a}:{port} over sdp [" in started, started
         r = subprocess.run([*run, str(client), f"http://{host_a}:{port}/blob.bin"],
                            capture_output=True, text=True, timeout=TIMEOUT)
         assert r.returncode == 0, r.stderr
         assert r.stdout.split() == [str(len(data)), hashlib.sha256(data).hexdigest()]
-        assert f"-> {host_a}:{port} over rdma" in r.stderr, r.stderr
+        assert f"-> {host_a}:{port} over sdp" in r.stderr, r.stderr
         server_log = wait_for_line(srv, "accepted", TIMEOUT)
-    assert "over rdma" in server_log.split("accepted", 1)[1], server_log
+    assert "over sdp" in server_log.split("accepted", 1)[1], server_log
 
 
 def address(srv: socketserver.TCPServer) -> tuple[str, int]:
@@ -157,7 +157,7 @@ def test_threading_tcp_server_echo_32_clients(host_a: str) -> None:
     n = 32
     results: dict[int, tuple[str, bool]] = {}
     with patched("use sdp * * 198.18.0.0/15:*\ndefault tcp\n"), echo_server(host_a) as srv:
-        assert usdp.transport_of(srv.socket) == "rdma"
+        assert usdp.transport_of(srv.socket) == "sdp"
 
         def client(i: int) -> None:
             with socket.create_connection(address(srv), timeout=TIMEOUT) as c, \
@@ -175,8 +175,8 @@ def test_threading_tcp_server_echo_32_clients(host_a: str) -> None:
             t.start()
         for t in threads:
             t.join(TIMEOUT * 2)
-    assert results == dict.fromkeys(range(n), ("rdma", True))
-    assert _Echo.transports == ["rdma"] * n
+    assert results == dict.fromkeys(range(n), ("sdp", True))
+    assert _Echo.transports == ["sdp"] * n
 
 
 def test_both_server_takes_rdma_and_tcp_clients(host_a: str) -> None:
@@ -193,8 +193,8 @@ def test_both_server_takes_rdma_and_tcp_clients(host_a: str) -> None:
                 while not got.endswith(b"\n"):
                     got += s.recv(100)
                 assert got == msg
-            assert usdp.transport_of(rdma) == "rdma"
-    assert sorted(_Echo.transports) == ["rdma", "tcp"]
+            assert usdp.transport_of(rdma) == "sdp"
+    assert sorted(_Echo.transports) == ["sdp", "tcp"]
 
 
 def _in_peer_ns(argv: list[str]) -> list[str]:
@@ -218,7 +218,7 @@ def test_both_client_without_rdma_device_falls_back(host_a: str, tmp_path: Path)
                            env={**os.environ, **SMALL_ENV})
         assert r.returncode == 0, r.stderr
         assert r.stdout.strip() == "ping"
-        assert "rdma failed" in r.stderr and "falling back to tcp" in r.stderr, r.stderr
+        assert "sdp failed" in r.stderr and "falling back to tcp" in r.stderr, r.stderr
         assert f"-> {host_a}:{srv.server_address[1]} over tcp" in r.stderr, r.stderr
     assert _Echo.transports == ["tcp"]
 
@@ -251,7 +251,7 @@ def test_both_client_falls_back_when_peer_has_no_rdma(
             c.sendall(b"hello")
             assert c.recv(100) == b"hello"
             assert usdp.transport_of(c) == "tcp"
-    assert "rdma failed" in caplog.text, caplog.text
+    assert "sdp failed" in caplog.text, caplog.text
     assert f"-> {peer}:{peer_port} over tcp" in caplog.text
 
 
@@ -259,13 +259,13 @@ def test_create_server_create_connection_and_af_inet_sdp(host_a: str) -> None:
     with patched("default tcp\nuse sdp * * 198.18.0.1/32:*\n"), \
             socket.create_server((host_a, 0)) as lst:
         lst.settimeout(TIMEOUT)
-        assert usdp.transport_of(lst) == "rdma"
+        assert usdp.transport_of(lst) == "sdp"
         accepted = accept_in_thread(lst)
         with socket.create_connection(lst.getsockname()[:2], timeout=TIMEOUT) as c, \
                 accepted() as conn:
             c.sendall(b"abc")
             assert conn.recv(3) == b"abc"
-            assert usdp.transport_of(c) == usdp.transport_of(conn) == "rdma"
+            assert usdp.transport_of(c) == usdp.transport_of(conn) == "sdp"
     # AF_INET_SDP asks for RDMA by name, whatever the rules say.
     with patched("default tcp\n"), socket.create_server((host_a, 0)) as tcp_lst:
         assert usdp.transport_of(tcp_lst) == "tcp"
@@ -273,13 +273,13 @@ def test_create_server_create_connection_and_af_inet_sdp(host_a: str) -> None:
             lst.bind((host_a, 0))
             lst.listen()
             lst.settimeout(TIMEOUT)
-            assert usdp.transport_of(lst) == "rdma"
+            assert usdp.transport_of(lst) == "sdp"
             accepted = accept_in_thread(lst)
             with socket.socket(usdp.AF_INET_SDP, socket.SOCK_STREAM) as c:
                 c.settimeout(TIMEOUT)
                 c.connect(lst.getsockname()[:2])
                 with accepted() as conn:
-                    assert usdp.transport_of(c) == usdp.transport_of(conn) == "rdma"
+                    assert usdp.transport_of(c) == usdp.transport_of(conn) == "sdp"
 
 
 def accept_in_thread(lst: socket.socket) -> Callable[[], Any]:

@@ -19,7 +19,7 @@ import time
 import pytest
 
 import usdp
-from tests.rxe.sockets import TIMEOUT, client, echo, recv_exactly, server
+from tests.rxe.helpers import TIMEOUT, client, echo, recv_exactly, server
 
 pytestmark = pytest.mark.rxe
 

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 import pytest
 
 import usdp
+from tests.rxe.helpers import client, recv_exactly
 from tests.rxe.rawpeer import RawPeer
-from tests.rxe.sockets import client, recv_exactly
 from usdp._wire import (
     HEADER_SIZE,
     MAGIC,

@@ -14,7 +14,7 @@ from usdptools.testbed import rxe
 
 def test_keepalive_probes_a_live_idle_peer_without_breaking_it(host_a: str, port: int) -> None:
     """One host: an idle connection with keepalive on stays up through many probes."""
-    from tests.rxe.sockets import client, recv_exactly, server
+    from tests.rxe.helpers import client, recv_exactly, server
 
     def late_echo(conn: usdp.SdpSocket) -> None:
         assert conn.recv(5) == b"hello"

@@ -13,7 +13,7 @@ import threading
 import time
 
 import usdp
-from tests.rxe.sockets import TIMEOUT, client, server
+from tests.rxe.helpers import TIMEOUT, client, server
 from usdptools.testbed.rxe import rdma_resources
 
 

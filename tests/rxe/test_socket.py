@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 import usdp
-from tests.rxe.sockets import TIMEOUT, client, echo, recv_exactly, server
+from tests.rxe.helpers import TIMEOUT, client, echo, recv_exactly, server
 
 
 def test_echo_random_sizes_checksummed(host_a: str, port: int) -> None:

@@ -12,7 +12,7 @@ import pytest
 import pyverbs.enums as e
 
 import usdp
-from tests.rxe.sockets import TIMEOUT, client, recv_exactly, server
+from tests.rxe.helpers import TIMEOUT, client, recv_exactly, server
 from usdp import _verbs
 
 ZOPTS = usdp.Options(zcopy_threshold=64 * 1024)

@@ -11,19 +11,18 @@ from __future__ import annotations
 
 import errno
 import random
-import struct
 from collections import deque
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.unit.helpers import U32, Peer, params
 from usdp._connection import (
     Chunk,
     Connection,
     CreditsReturned,
     DataReceived,
-    Event,
     PeerAborted,
     PeerClosed,
     State,
@@ -43,55 +42,12 @@ from usdp._wire import (
     Header,
     Hello,
     Mid,
-    Params,
     SrcAvail,
     encode_header,
     negotiate,
 )
 
-U32 = 0xFFFF_FFFF
-
-
-def params(nbufs: int = 8, size: int = 256, peer_nbufs: int | None = None) -> Params:
-    peer_n = nbufs if peer_nbufs is None else peer_nbufs
-    local = Hello(HandshakeKind.HELLO, nbufs, size, size)
-    peer = Hello(HandshakeKind.HELLO_ACK, peer_n, size, size)
-    return negotiate(local, peer)
-
-
 # ------------------------------------------------------------------- single connection
-
-
-class Peer:
-    """Hand-builds the frames a (possibly hostile) peer sends to one Connection."""
-
-    def __init__(self, conn: Connection) -> None:
-        self.conn = conn
-        self.mseq = 0
-        self.slot = 0
-
-    def frame(
-        self,
-        mid: int,
-        payload: bytes = b"",
-        *,
-        bufs: int = 0,
-        ack: int | None = None,
-        mseq: int | None = None,
-        length: int | None = None,
-    ) -> bytes:
-        seq = self.mseq if mseq is None else mseq
-        acked = (self.conn._tx_seq - 1) & U32 if ack is None else ack
-        n = HEADER_SIZE + len(payload) if length is None else length
-        return struct.pack(">BBHIII", mid, 0, bufs, n, seq, acked) + payload
-
-    def send(self, mid: int, payload: bytes = b"", **kw: int) -> list[Event]:
-        data = self.frame(mid, payload, **kw)
-        slot = self.slot
-        self.slot = (self.slot + 1) % self.conn.params.local_recv_bufs
-        events = self.conn.on_frame(slot, memoryview(data))
-        self.mseq = (self.mseq + 1) & U32
-        return events
 
 
 def test_initial_state() -> None:

@@ -17,14 +17,16 @@ import os
 import threading
 import time
 from collections import deque
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from usdp._engine import RECV, SEND, Engine
 from usdp._progress import progress
-from usdp._verbs import QPResources
+
+if TYPE_CHECKING:
+    from usdp._verbs import QPResources
 
 
 class _WC:
@@ -120,7 +122,7 @@ def _run(count: int, solicited: list[bool], pace: list[int], waiters: int, defer
         res.recv_cq.before_arm = deliver
     handled: list[int] = []
     taken = [0]  # completions consumed by waiters (under the connection lock)
-    engine = Engine(cast(QPResources, res), defer=defer, solicited_only=True,
+    engine = Engine(cast("QPResources", res), defer=defer, solicited_only=True,
                     busy_poll=busy_poll, on_send_wc=lambda wc: None,
                     on_recv_wc=lambda wc: handled.append(wc.wr_id), after=lambda: None,
                     send_events_needed=lambda: False, sends_outstanding=lambda: False,
@@ -188,7 +190,7 @@ def test_no_completion_lost_twice_or_slept_on(count: int, solicited: list[bool],
 def test_idle_wait_sleeps_instead_of_spinning() -> None:
     """A wait with nothing coming ends up asleep on the fds: little CPU for a long wait."""
     res = SimRes()
-    engine = Engine(cast(QPResources, res), defer=True, solicited_only=True, busy_poll=1e-3,
+    engine = Engine(cast("QPResources", res), defer=True, solicited_only=True, busy_poll=1e-3,
                     on_send_wc=lambda wc: None, on_recv_wc=lambda wc: None,
                     after=lambda: None, send_events_needed=lambda: False,
                     sends_outstanding=lambda: False, eager=lambda: False, name="idle")

@@ -19,13 +19,13 @@ from usdp._errors import (
     InvalidArgument,
     NotConnected,
     ProtocolError,
+    RejectReason,
     RemoteAccessError,
     Timeout,
     UsdpError,
     WouldBlock,
     error_from_errno,
 )
-from usdp._wire import RejectReason
 
 # (class, errno it is raised with, builtin it must also be).
 CASES: list[tuple[type[UsdpError], int, type[OSError]]] = [

@@ -7,6 +7,7 @@ exist), so ``both`` must fall back, and ``tcp`` must leave the kernel socket alo
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import hashlib
 import http.server
@@ -17,6 +18,7 @@ import socketserver
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -177,3 +179,63 @@ def test_run_passes_argv_and_patches(tmp_path: Path) -> None:
                        capture_output=True, text=True, timeout=TIMEOUT)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "['a', '--b'] HybridSocket __main__"
+
+
+@pytest.fixture
+def sdp_only() -> Iterator[None]:
+    usdp.patch(usdp.parse_rules("default sdp\n"), program="unit")
+    try:
+        yield
+    finally:
+        usdp.unpatch()
+
+
+def test_states_of_a_tcp_connection_and_listener(patched: None) -> None:
+    """undecided -> listening (the rule says both; with no RDMA listener possible here it
+    is tcp only) and undecided -> connected over tcp, as repr and transport_of say."""
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        assert "usdp=undecided" in repr(srv)
+        with pytest.raises(ValueError, match="not yet"):
+            usdp.transport_of(srv)
+        srv.listen()
+        assert "usdp=listen:tcp" in repr(srv)  # both, with no RDMA listener: tcp only
+        assert usdp.transport_of(srv) == "tcp"
+        with socket.create_connection(srv.getsockname()[:2], timeout=TIMEOUT) as c:
+            assert "usdp=tcp" in repr(c)
+            conn, _ = srv.accept()
+            conn.close()
+
+
+def test_sdp_rule_without_rdma_raises_a_usdp_error(sdp_only: None) -> None:
+    """This host has no RDMA (loopback never has): an sdp-only connect fails with
+    usdp's DeviceError naming the address, and the socket is still undecided."""
+    with socket.socket() as s:
+        s.settimeout(TIMEOUT)
+        with pytest.raises(usdp.UsdpError) as info:
+            s.connect(("127.0.0.1", 9))
+        assert "127.0.0.1:9" in str(info.value)
+        assert "usdp=undecided" in repr(s)
+
+
+def test_non_blocking_sdp_connect_reports_through_so_error(sdp_only: None) -> None:
+    """connecting: EINPROGRESS at once, then EALREADY or the outcome; SO_ERROR reports the
+    failure once (as the kernel does), and a repeated connect() raises it."""
+    with socket.socket() as s:
+        s.setblocking(False)
+        with pytest.raises(BlockingIOError) as first:
+            s.connect(("127.0.0.1", 9))
+        assert first.value.errno == errno.EINPROGRESS
+        assert "usdp=connecting" in repr(s)
+        deadline = time.monotonic() + TIMEOUT
+        err = None
+        while err is None and time.monotonic() < deadline:
+            try:
+                err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            except BlockingIOError:
+                continue  # still under way (getsockopt itself waits a little)
+        assert err is not None and err != 0
+        assert s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0  # reported once
+        with pytest.raises(usdp.UsdpError) as again:
+            s.connect(("127.0.0.1", 9))
+        assert again.value.errno == err

@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from tests.unit.test_connection import Peer
+from tests.unit.helpers import Peer
 from usdp._connection import (
     MAX_ZCOPY,
     Chunk,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from pathlib import Path
@@ -38,12 +39,19 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("no command given (put it after --)")
     out = args.out if args.out is not None else vm.PROJECT_ROOT / "results"
     t0 = time.monotonic()
+    vm.raise_on_signals()
     try:
         rc = vm.run(cmd, hosts=args.hosts, peer=args.peer, timeout=args.timeout,
                     out_dir=out, mem_mb=args.mem)
     except vm.VMError as e:
         print(f"rxe-vm: {e}", file=sys.stderr)
         return 125
+    except vm.Interrupted as e:  # the VMs are already dead: run() unwound through _kill
+        vm.log(f"{signal.Signals(e.signum).name}: VMs stopped")
+        return 128 + e.signum
+    except KeyboardInterrupt:
+        vm.log("interrupted: VMs stopped")
+        return 128 + signal.SIGINT
     vm.log(f"exit status {rc} after {time.monotonic() - t0:.1f}s (boot included)")
     return rc
 

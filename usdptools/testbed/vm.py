@@ -18,6 +18,15 @@ Facts measured on these machines that shape the choices below:
   the same rxe device; real cross-host tests use two VMs joined by qemu's socket netdev
   (``--hosts 2``). The link has no other NIC: nothing leaves the machine.
 
+The checkout may live anywhere, ``/tmp`` included: the guest mounts fresh tmpfs on
+``/tmp`` and ``/run``, so its init bind-mounts the checkout (``usdp.root=``) aside first
+and back at the same path after.
+
+Lifetime: a VM never outlives its launcher. qemu gets ``PR_SET_PDEATHSIG`` (SIGKILL when
+the launcher dies, however it dies), and SIGTERM/SIGHUP/SIGINT unwind the launcher
+through the code that kills qemu (``raise_on_signals``). Work dirs of SIGKILLed launchers
+are removed by the next run.
+
 Output: the guest's command writes stdout to ttyS1 and stderr to ttyS2; qemu connects those
 serial ports to unix sockets we listen on, and we copy them to our own stdout/stderr as
 they arrive. ttyS0 is the kernel console, kept in a log file for post-mortems. The exit
@@ -27,17 +36,20 @@ status comes back through a second, writable 9p share (the "control" directory).
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import hashlib
 import os
 import re
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -117,11 +129,12 @@ def ensure_image() -> GuestImage:
     kver = pkg.removeprefix("linux-image-")
     root = CACHE_DIR / f"vm-{kver}"
     kernel = root / "vmlinuz"
-    initramfs = root / "initramfs.cpio"
-    stamp = root / "initramfs.stamp"
-    want_stamp = f"{_init_script_version()} {' '.join(GUEST_MODULES)}"
-    if (kernel.exists() and initramfs.exists() and stamp.exists()
-            and stamp.read_text() == want_stamp):
+    # One initramfs per version of the init script and module list, named by its hash:
+    # checkouts of different versions share the cache (and may boot at the same time)
+    # without rebuilding each other's image under a running qemu.
+    want = f"{_init_script_version()} {' '.join(GUEST_MODULES)}"
+    initramfs = root / f"initramfs-{hashlib.sha256(want.encode()).hexdigest()[:12]}.cpio"
+    if kernel.exists() and initramfs.exists():
         return GuestImage(kernel, initramfs, kver)
     root.mkdir(parents=True, exist_ok=True)
     tree = root / "pkg"
@@ -135,9 +148,13 @@ def ensure_image() -> GuestImage:
             shutil.rmtree(tree, ignore_errors=True)
             _run(["dpkg-deb", "-x", str(debs[0]), str(tree)])
         _run(["depmod", "-b", str(tree), kver])
-    shutil.copyfile(tree / "boot" / f"vmlinuz-{kver}", kernel)
-    _build_initramfs(tree, kver, initramfs)
-    stamp.write_text(want_stamp)
+    if not kernel.exists():
+        tmp_kernel = root / f"vmlinuz.{os.getpid()}"
+        shutil.copyfile(tree / "boot" / f"vmlinuz-{kver}", tmp_kernel)
+        tmp_kernel.replace(kernel)
+    tmp = root / f"{initramfs.name}.{os.getpid()}"
+    _build_initramfs(tree, kver, tmp)
+    tmp.replace(initramfs)  # atomic: a concurrent boot sees the old file or the whole new one
     return GuestImage(kernel, initramfs, kver)
 
 
@@ -190,8 +207,6 @@ def _build_initramfs(tree: Path, kver: str, out: Path) -> None:
 
 
 def _init_script_version() -> str:
-    import hashlib
-
     return hashlib.sha256(INIT_SCRIPT.encode()).hexdigest()[:12]
 
 
@@ -203,7 +218,7 @@ mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 for m in /mods/*.ko; do insmod "$m" || echo "init: insmod $m failed" > /dev/ttyS0; done
 arg() { tr ' ' '\n' < /proc/cmdline | sed -n "s/^usdp\.$1=//p"; }
-CTL=$(arg ctl); OUT=$(arg out)
+CTL=$(arg ctl); OUT=$(arg out); ROOT=$(arg root)
 fail() { echo "init: $*" > /dev/ttyS2; echo 125 > /newroot$CTL/rc 2>/dev/null; reboot -f; }
 mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose hostroot /lower \
   || fail "cannot mount host root"
@@ -214,11 +229,16 @@ mount -t overlay overlay -o lowerdir=/lower,upperdir=/upper/u,workdir=/upper/w /
 mount -t proc proc /newroot/proc
 mount -t sysfs sys /newroot/sys
 mount -t devtmpfs dev /newroot/dev
-mkdir -p /newroot/dev/pts /newroot/dev/shm
+mkdir -p /newroot/dev/pts /newroot/dev/shm /keep
 mount -t devpts devpts /newroot/dev/pts
+# The fresh tmpfs on /tmp and /run would hide a checkout that lives there: hold on to it
+# with a bind mount made before, and put that back at the same path after.
+mount --bind /newroot$ROOT /keep || fail "cannot bind the checkout $ROOT"
 mount -t tmpfs tmpfs /newroot/dev/shm
 mount -t tmpfs tmpfs /newroot/tmp
 mount -t tmpfs tmpfs /newroot/run
+mkdir -p /newroot$ROOT
+mount --bind /keep /newroot$ROOT || fail "cannot mount the checkout at $ROOT"
 mkdir -p /newroot$CTL
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 ctl /newroot$CTL || fail "no ctl share"
 if [ -n "$OUT" ]; then
@@ -347,7 +367,7 @@ def _start_host(
         r.start()
     console = work / f"console-{spec.name}.log"
     cmdline = (
-        f"console=ttyS0 quiet loglevel=3 panic=-1 usdp.ctl={ctl}"
+        f"console=ttyS0 quiet loglevel=3 panic=-1 usdp.ctl={ctl} usdp.root={PROJECT_ROOT}"
         + (f" usdp.out={out_dir}" if out_dir else "")
     )
     args = [
@@ -365,8 +385,27 @@ def _start_host(
     ]
     if out_dir:
         args += ["-virtfs", f"local,path={out_dir},mount_tag=out,security_model=none"]
-    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True)
+    # qemu gets its own session (a Ctrl-C on the terminal is ours to handle, not its) but
+    # dies with us: the kernel sends it SIGKILL when this thread's process dies, however
+    # it dies (SIGKILL included), and our signal handlers kill it on SIGTERM/SIGINT/SIGHUP.
+    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True,
+                            preexec_fn=_die_with_parent(os.getpid()))
     return _Running(spec, proc, ctl, relays, console)
+
+
+_PR_SET_PDEATHSIG = 1
+_prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+
+def _die_with_parent(parent: int) -> Callable[[], None]:
+    """A ``preexec_fn`` that ties the child's life to ``parent`` (PR_SET_PDEATHSIG)."""
+
+    def child() -> None:
+        _prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the prctl: nobody will signal
+            os._exit(1)
+
+    return child
 
 
 def _finish(run: _Running, deadline: float | None) -> int:
@@ -400,12 +439,44 @@ def _kill(run: _Running) -> None:
 
 @contextlib.contextmanager
 def _workdir() -> Iterator[Path]:
+    _remove_orphaned_workdirs()
     # Short path: unix socket paths are limited to 108 bytes.
     d = Path(tempfile.mkdtemp(prefix="usdp-vm-"))
+    (d / "launcher.pid").write_text(str(os.getpid()))
     try:
         yield d
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+def _remove_orphaned_workdirs() -> None:
+    """Work dirs of launchers that were SIGKILLed (their qemu died with them)."""
+    for d in Path(tempfile.gettempdir()).glob("usdp-vm-*"):
+        try:
+            pid = int((d / "launcher.pid").read_text())
+        except (OSError, ValueError):
+            continue  # an older launcher's, or being created: not ours to judge
+        if not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(d, ignore_errors=True)
+
+
+class Interrupted(BaseException):
+    """SIGTERM or SIGHUP reached the launcher: unwind (killing the VMs), then exit."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def raise_on_signals() -> None:
+    """Turn SIGTERM and SIGHUP into :class:`Interrupted` (SIGINT already raises
+    KeyboardInterrupt), so that ``run``'s cleanup kills qemu before the launcher exits."""
+
+    def handler(signum: int, _frame: object) -> None:
+        raise Interrupted(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, handler)
 
 
 def run(
@@ -422,6 +493,11 @@ def run(
         raise VMError("--hosts must be 1 or 2")
     if peer and hosts != 2:
         raise VMError("--peer needs --hosts 2")
+    for what, path in (("the checkout", PROJECT_ROOT), ("--out", out_dir),
+                       ("the temp dir", Path(tempfile.gettempdir()))):
+        if path is not None and any(c.isspace() for c in str(path.resolve())):
+            raise VMError(f"{what} path {str(path)!r} has whitespace, which the guest's "
+                          "kernel command line cannot carry: use a path without it")
     t0 = time.monotonic()
     image = ensure_image()
     deadline = None if timeout is None else t0 + timeout
@@ -458,15 +534,14 @@ def run(
             "-netdev", f"socket,id=link,connect=127.0.0.1:{port}",
             "-device", f"virtio-net-pci,netdev=link,mac={mac.format(2)}",
         ])
-        ra = _start_host(image, a, 2, work, out_dir, {**env, "USDP_HOST": "A"})
-        # B connects to A's listening socket; give A's qemu a moment to listen.
-        _wait_listening(port, ra)
-        rb = _start_host(image, b, 2, work, out_dir, {**env, "USDP_HOST": "B"})
-        try:
+        with contextlib.ExitStack() as running:  # kills what was started, however we leave
+            ra = _start_host(image, a, 2, work, out_dir, {**env, "USDP_HOST": "A"})
+            running.callback(_kill, ra)
+            # B connects to A's listening socket; give A's qemu a moment to listen.
+            _wait_listening(port, ra)
+            rb = _start_host(image, b, 2, work, out_dir, {**env, "USDP_HOST": "B"})
+            running.callback(_kill, rb)
             return _finish(ra, deadline)
-        finally:
-            _kill(rb)
-            _kill(ra)
 
 
 def _wait_listening(port: int, ra: _Running) -> None:

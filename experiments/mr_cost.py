@@ -1,6 +1,6 @@
 """What would an MR cache save? Registration cost against a copy of the same bytes.
 
-Run inside the test bed: ``scripts/rxe-vm -- .venv/bin/python scripts/mr_cost.py``.
+Run inside the test bed: ``scripts/rxe-vm -- .venv/bin/python experiments/mr_cost.py``.
 Prints, per size, the time of one ``ibv_reg_mr`` + ``ibv_dereg_mr`` of a caller's buffer
 (what usdp's zero-copy pays per transfer and side) next to one memcpy of it, and whether
 the device can drop remote rights from a live MR (``ibv_rereg_mr`` with

@@ -1,7 +1,5 @@
-"""Socket helpers shared by the rxe tests: a threaded server, a client, echo, exact reads.
-
-A module of its own so that test modules never import each other.
-"""
+"""Shared helpers of the rxe tests (test modules do not import each other): a threaded
+listener, an echo handler, a connected client, exact reads."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 Streams the same amount of data one way for each shape, in interleaved rounds so that
 drift of a shared, emulated machine hits every shape alike, and prints throughput as a
 ratio to the best shape. Run it where an rxe device is (``scripts/rxe-vm -- .venv/bin/python
-scripts/sweep_buffers.py``); absolute MB/s there mean nothing, ratios do.
+experiments/sweep_buffers.py``); absolute MB/s there mean nothing, ratios do.
 """
 
 from __future__ import annotations
