@@ -92,6 +92,7 @@ class SdpTransport(transports._FlowControlMixin):
         self._paused = False  # pause_reading()
         self._eof_seen = False  # the peer's EOF was delivered: never read again
         self._eof = False  # write_eof() called
+        self._background: asyncio.Future[Any] | None = None  # shutdown/close off the loop
         if server is not None:
             server._attach(self)
         loop.call_soon(self._protocol.connection_made, self)
@@ -284,10 +285,34 @@ class SdpTransport(transports._FlowControlMixin):
         return True
 
     def _shutdown_write(self) -> None:
+        self._off_loop(self._sock.shutdown, _socketmod.SHUT_WR)
+
+    def _off_loop(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run a socket call that may wait for the peer off the event loop.
+
+        shutdown(SHUT_WR) and close() post our EOF after any staged bytes, and both need a
+        credit, which comes back only when the peer's application reads. That peer may be
+        served by this very loop: waiting here would deadlock it (until the linger time
+        runs out and the staged bytes are lost). A kernel socket's close does not wait
+        either; the socket finishes in the loop's default executor.
+        """
+        prev = self._background
+        if prev is not None and not prev.done():  # one at a time: close after shutdown
+            prev.add_done_callback(lambda _f: self._off_loop(fn, *args))
+            return
         try:
-            self._sock.shutdown(_socketmod.SHUT_WR)
-        except OSError as exc:
-            self._fatal_error(exc, "Fatal error on usdp transport: shutdown(SHUT_WR)")
+            fut = self._background = self._loop.run_in_executor(None, fn, *args)
+        except RuntimeError:  # the loop's executor is already shut down
+            try:
+                fn(*args)
+            except OSError as exc:
+                log.debug("%r: %s: %s", self, getattr(fn, "__name__", fn), exc)
+            return
+        fut.add_done_callback(self._log_background_error)
+
+    def _log_background_error(self, fut: asyncio.Future[Any]) -> None:
+        if not fut.cancelled() and fut.exception() is not None:
+            log.debug("%r: closing: %s", self, fut.exception())
 
     def _head(self) -> memoryview:
         """The next chunk to send; small queued chunks are joined first (up to JOIN_LIMIT)."""
@@ -397,7 +422,7 @@ class SdpTransport(transports._FlowControlMixin):
         try:
             proto.connection_lost(exc)
         finally:
-            self._sock.close()
+            self._off_loop(self._sock.close)
             server, self._server = self._server, None
             if server is not None:
                 server._detach(self)

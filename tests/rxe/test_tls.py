@@ -1,0 +1,185 @@
+"""TLS over usdp on rxe: the stdlib's TLS (asyncio's SSLProtocol) over a usdp transport, at
+the streams and the protocol level, with certificates made by the test: host name checks,
+a wrong certificate, an 8 MiB echo, and a STARTTLS upgrade (loop.start_tls)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import ssl
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import usdp
+
+from .certs import self_signed
+
+TIMEOUT = 120.0
+NAME = "usdp.test"
+
+
+@pytest.fixture
+def tls(tmp_path: Path, host_a: str) -> dict[str, Any]:
+    """A server context with a certificate for usdp.test and host A's address, a client
+    context trusting it, and a client context trusting another certificate."""
+    cert, key = self_signed(tmp_path, "server", [NAME], [host_a])
+    other, _ = self_signed(tmp_path, "other", [NAME], [host_a])
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(cert, key)
+    return {"server": server, "client": ssl.create_default_context(cafile=str(cert)),
+            "wrong": ssl.create_default_context(cafile=str(other))}
+
+
+async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(1 << 20):
+            writer.write(data)
+            await writer.drain()
+    finally:
+        writer.close()
+
+
+def test_tls_streams_echo_8mib(host_a: str, port: int, tls: dict[str, Any]) -> None:
+    payload = os.urandom(8 << 20)
+
+    async def main() -> tuple[bytes, dict[str, Any]]:
+        server = await usdp.asyncio.start_server(_echo, host_a, port, ssl=tls["server"])
+        async with server:
+            r, w = await usdp.asyncio.open_connection(host_a, port, ssl=tls["client"],
+                                                      server_hostname=NAME)
+            sslobj = w.get_extra_info("ssl_object")
+            info = {"version": sslobj.version(), "cert": w.get_extra_info("peercert"),
+                    "transport": usdp.transport_of(w)}
+
+            async def send() -> None:
+                view = memoryview(payload)
+                for i in range(0, len(view), 1 << 20):
+                    w.write(view[i:i + (1 << 20)])
+                    await w.drain()
+
+            sender = asyncio.create_task(send())
+            got = await r.readexactly(len(payload))
+            await sender
+            w.close()
+            await w.wait_closed()
+        return got, info
+
+    got, info = asyncio.run(asyncio.wait_for(main(), TIMEOUT * 2))
+    assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
+    assert info["transport"] == "rdma" and info["version"].startswith("TLS")
+    assert ("DNS", NAME) in info["cert"]["subjectAltName"]
+
+
+class Collect(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.lost = asyncio.get_running_loop().create_future()
+
+    def data_received(self, data: bytes) -> None:
+        self.data += data
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost.set_result(exc)
+
+
+class Upper(asyncio.Protocol):
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(data.upper())
+
+    def eof_received(self) -> bool:
+        return False
+
+
+def test_tls_protocol_level_checks_the_address_as_host_name(
+        host_a: str, port: int, tls: dict[str, Any]) -> None:
+    """create_connection(ssl=...) without server_hostname checks ``host`` (an IP SAN)."""
+
+    async def main() -> tuple[bytes, Any, Any, BaseException | None]:
+        server = await usdp.asyncio.create_server(Upper, host_a, port, ssl=tls["server"])
+        async with server:
+            transport, proto = await usdp.asyncio.create_connection(
+                Collect, host_a, port, ssl=tls["client"], ssl_handshake_timeout=TIMEOUT)
+            transport.write(b"over tls over rdma")
+            while len(proto.data) < 18:
+                await asyncio.sleep(0.01)
+            sock = transport.get_extra_info("socket")
+            sslobj = transport.get_extra_info("ssl_object")
+            transport.close()
+            exc = await asyncio.wait_for(proto.lost, TIMEOUT)
+        return bytes(proto.data), sock, sslobj, exc
+
+    data, sock, sslobj, exc = asyncio.run(asyncio.wait_for(main(), TIMEOUT))
+    assert data == b"OVER TLS OVER RDMA"
+    assert isinstance(sock, usdp.SdpSocket) and isinstance(sslobj, ssl.SSLObject)
+    assert exc is None
+
+
+def _refused(host: str, port: int, tls: dict[str, Any], ctx: str,
+             hostname: str) -> tuple[ssl.SSLCertVerificationError, bytes]:
+    """A client that must fail verification; then a good client on the same server."""
+
+    async def main() -> tuple[ssl.SSLCertVerificationError, bytes]:
+        server = await usdp.asyncio.start_server(_echo, host, port, ssl=tls["server"])
+        async with server:
+            with pytest.raises(ssl.SSLCertVerificationError) as info:
+                await usdp.asyncio.open_connection(host, port, ssl=tls[ctx],
+                                                   server_hostname=hostname)
+            r, w = await usdp.asyncio.open_connection(host, port, ssl=tls["client"],
+                                                      server_hostname=NAME)
+            w.write(b"still serving\n")
+            line = await r.readline()
+            w.close()
+            await w.wait_closed()
+        return info.value, line
+
+    return asyncio.run(asyncio.wait_for(main(), TIMEOUT))
+
+
+def test_tls_wrong_certificate_is_a_verification_error(
+        host_a: str, port: int, tls: dict[str, Any]) -> None:
+    err, line = _refused(host_a, port, tls, "wrong", NAME)
+    assert err.verify_code != 0 and "certificate" in str(err)
+    assert line == b"still serving\n"
+
+
+def test_tls_host_name_mismatch_is_a_verification_error(
+        host_a: str, port: int, tls: dict[str, Any]) -> None:
+    err, line = _refused(host_a, port, tls, "client", "not-" + NAME)
+    assert "not-" + NAME in str(err) or "mismatch" in str(err).lower()
+    assert line == b"still serving\n"
+
+
+def test_starttls_upgrade_of_a_usdp_stream(host_a: str, port: int,
+                                           tls: dict[str, Any]) -> None:
+    """Plain first, then both ends upgrade (loop.start_tls on usdp transports)."""
+
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        assert await r.readline() == b"STARTTLS\n"
+        w.write(b"GO\n")
+        await w.drain()
+        await w.start_tls(tls["server"])
+        await _echo(r, w)
+
+    async def main() -> tuple[bytes, bool, bool]:
+        server = await usdp.asyncio.start_server(handle, host_a, port)
+        async with server:
+            r, w = await usdp.asyncio.open_connection(host_a, port)
+            before = w.get_extra_info("ssl_object") is None
+            w.write(b"STARTTLS\n")
+            assert await r.readline() == b"GO\n"
+            await w.start_tls(tls["client"], server_hostname=NAME)
+            after = w.get_extra_info("ssl_object") is not None
+            w.write(b"secret\n")
+            line = await r.readline()
+            w.close()
+            await w.wait_closed()
+        return line, before, after
+
+    line, before, after = asyncio.run(asyncio.wait_for(main(), TIMEOUT))
+    assert line == b"secret\n" and before and after
