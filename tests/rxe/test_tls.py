@@ -8,6 +8,8 @@ import asyncio
 import hashlib
 import os
 import ssl
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,7 @@ def tls(tmp_path: Path, host_a: str) -> dict[str, Any]:
     server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server.load_cert_chain(cert, key)
     return {"server": server, "client": ssl.create_default_context(cafile=str(cert)),
-            "wrong": ssl.create_default_context(cafile=str(other))}
+            "wrong": ssl.create_default_context(cafile=str(other)), "files": (cert, key)}
 
 
 async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -183,3 +185,39 @@ def test_starttls_upgrade_of_a_usdp_stream(host_a: str, port: int,
 
     line, before, after = asyncio.run(asyncio.wait_for(main(), TIMEOUT))
     assert line == b"secret\n" and before and after
+
+
+def test_example_aio_echo_server_with_tls(host_a: str, port: int, tls: dict[str, Any]) -> None:
+    """examples/aio_echo_server.py --tls CERT KEY serves one TLS client and exits."""
+    example = Path(__file__).resolve().parents[2] / "examples" / "aio_echo_server.py"
+    cert, key = tls["files"]
+    proc = subprocess.Popen([sys.executable, str(example), host_a, str(port), "--tls",
+                             str(cert), str(key), "--count", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    payload = os.urandom(1 << 20)
+
+    async def main() -> bytes:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + TIMEOUT
+        while True:  # the server listens once its interpreter is up
+            try:
+                r, w = await usdp.asyncio.open_connection(host_a, port, ssl=tls["client"],
+                                                          server_hostname=NAME)
+                break
+            except OSError as exc:  # refused until it listens
+                assert loop.time() < deadline and proc.poll() is None, exc
+                await asyncio.sleep(0.2)
+        w.write(payload)
+        got = await r.readexactly(len(payload))
+        w.close()
+        await w.wait_closed()
+        return got
+
+    try:
+        got = asyncio.run(asyncio.wait_for(main(), TIMEOUT))
+        _, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        proc.kill()
+    assert got == payload
+    assert proc.returncode == 0, err
+    assert f"{len(payload)} bytes echoed" in err and "with tls" in err
