@@ -221,3 +221,58 @@ def test_example_aio_echo_server_with_tls(host_a: str, port: int, tls: dict[str,
     assert got == payload
     assert proc.returncode == 0, err
     assert f"{len(payload)} bytes echoed" in err and "with tls" in err
+
+
+@pytest.mark.twohost
+def test_tls_asyncio_across_two_hosts(host_b: Any, port: int) -> None:
+    """examples/aio_echo_server.py --tls on host B, an asyncio TLS client on host A: 8 MiB
+    echoed over the link between the VMs, checksummed. The certificate goes through the
+    bed's shared output folder (both VMs mount it)."""
+    out = os.environ.get("USDP_OUT")
+    if not out:
+        pytest.skip("needs the bed's shared output folder (USDP_OUT)")
+    folder = Path(out) / f"tls-test-{port}"
+    folder.mkdir(parents=True, exist_ok=True)
+    cert, key = self_signed(folder, "hostb", [NAME], [host_b.addr])
+    pid = host_b.spawn([".venv/bin/python", "examples/aio_echo_server.py", host_b.addr,
+                        str(port), "--tls", str(cert), str(key), "--count", "1"])
+    payload = os.urandom(8 << 20)
+    client = ssl.create_default_context(cafile=str(cert))
+
+    async def main() -> bytes:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + TIMEOUT
+        while True:  # host B's server listens once its interpreter is up
+            try:
+                r, w = await usdp.asyncio.open_connection(host_b.addr, port, ssl=client,
+                                                          server_hostname=NAME)
+                break
+            except OSError as exc:
+                assert loop.time() < deadline, exc
+                await asyncio.sleep(0.5)
+
+        async def send() -> None:
+            for i in range(0, len(payload), 1 << 20):
+                w.write(payload[i:i + (1 << 20)])
+                await w.drain()
+
+        sender = asyncio.create_task(send())
+        got = await r.readexactly(len(payload))
+        await sender
+        w.close()
+        await w.wait_closed()
+        return got
+
+    res: dict[str, Any] = {"rc": None}
+    try:
+        got = asyncio.run(asyncio.wait_for(main(), TIMEOUT * 2))
+        res = host_b.wait(pid, TIMEOUT)
+    finally:
+        if res["rc"] is None:  # not reaped yet (the agent forgets a reaped pid)
+            host_b.kill(pid)
+        for f in folder.iterdir():
+            f.unlink()
+        folder.rmdir()
+    assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
+    assert res["rc"] == 0, res
+    assert f"{len(payload)} bytes echoed" in res["stderr"], res
