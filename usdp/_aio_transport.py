@@ -355,6 +355,7 @@ class SdpTransport(transports._FlowControlMixin):
         if not self._buffer:
             self._loop.remove_writer(self._fd)
             if self._closing:
+                self._conn_lost += 1
                 self._call_connection_lost(None)
             elif self._eof:
                 self._shutdown_write()

@@ -278,3 +278,25 @@ def test_extra_info() -> None:
         assert ta.is_closing()
 
     asyncio.run(main())
+
+
+def test_close_with_queued_data_then_abort_loses_the_connection_once() -> None:
+    async def main() -> tuple[Collect, Collect]:
+        loop = asyncio.get_running_loop()
+        pa, pb = Collect(), Collect()
+        ta, tb = _pair(loop, pa, pb)
+        await asyncio.sleep(0)
+        ta.write(b"z" * (1 << 20))  # more than the socketpair holds: some stays queued
+        assert ta.get_write_buffer_size() > 0
+        ta.close()
+        await asyncio.wait_for(pb.eof.wait(), TIMEOUT)  # the queue drained, then EOF
+        await asyncio.wait_for(pa.lost.wait(), TIMEOUT)
+        ta.abort()
+        ta.close()
+        tb.close()
+        await asyncio.wait_for(pb.lost.wait(), TIMEOUT)
+        await asyncio.sleep(0.01)
+        return pa, pb
+
+    pa, pb = asyncio.run(main())
+    assert pa.events.count("lost") == 1 and len(pb.data) == 1 << 20
