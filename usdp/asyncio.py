@@ -25,6 +25,7 @@ from typing import TypeVar
 
 from usdp._aio_transport import SdpServer, SdpTransport, make_transport
 from usdp._config import Options
+from usdp._patch import _hook_asyncio_sendfile
 from usdp._socket import SdpSocket
 
 __all__ = ["SdpServer", "SdpTransport", "create_connection", "create_server",
@@ -41,6 +42,7 @@ def _loop() -> asyncio.AbstractEventLoop:
     loop = asyncio.get_running_loop()
     if not isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop):
         raise TypeError(f"usdp.asyncio needs a selector event loop, not {type(loop).__name__}")
+    _hook_asyncio_sendfile()  # loop.sock_sendfile(an SdpSocket) must not os.sendfile
     return loop
 
 

@@ -3,6 +3,7 @@ on rxe, directly and through the drop-in (HybridSocket forwards them)."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import hashlib
 import os
@@ -190,3 +191,31 @@ def test_dropin_forwards_sendmsg_recvmsg_and_sendfile(host_a: str, port: int) ->
     finally:
         usdp.unpatch()
     assert result == [(b"0123456789", b"a" * 20, content, b"hello")]
+
+
+def test_loop_sock_sendfile_on_an_sdp_socket(host_a: str, port: int) -> None:
+    """loop.sock_sendfile(SdpSocket): asyncio's native path would os.sendfile into the
+    readiness fd; it declines RDMA sockets, so the fallback sends to the peer."""
+    content = os.urandom((1 << 20) + 99)
+    got: list[bytes] = []
+
+    async def main(f: Any) -> int:
+        s = client(host_a, port)
+        duck: Any = s  # a socket.socket look-alike
+        try:
+            s.setblocking(False)
+            usdp.asyncio._loop()  # what every usdp.asyncio call does first
+            return await asyncio.get_running_loop().sock_sendfile(duck, f, 10,
+                                                                   len(content) - 20)
+        finally:
+            s.setblocking(True)
+            s.shutdown(socket.SHUT_WR)
+            assert s.recv(1) == b""
+            s.close()
+
+    with tempfile.TemporaryFile() as f, \
+            server(host_a, port, lambda c: got.append(recv_all(c))) as errors:
+        f.write(content)
+        sent = asyncio.run(asyncio.wait_for(main(f), TIMEOUT))
+    assert not errors, errors
+    assert sent == len(content) - 20 and got == [content[10:-10]]
