@@ -266,6 +266,7 @@ def test_extra_info() -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
         ta, tb = _pair(loop, Collect(), Collect())
+        assert isinstance(ta, asyncio.Transport) and isinstance(ta, transports._FlowControlMixin)
         sock = ta.get_extra_info("socket")
         assert isinstance(sock, socket.socket)
         assert ta.get_extra_info("peername") == sock.getpeername()
