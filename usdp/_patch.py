@@ -519,9 +519,32 @@ class HybridSocket(_RealSocket, metaclass=_Meta):
         return super().recv_into(buffer, nbytes, flags)
 
     def sendfile(self, file: Any, offset: int = 0, count: int | None = None) -> int:
-        if self._conn() is not None:  # os.sendfile needs a kernel socket
-            return self._sendfile_use_send(file, offset, count)  # type: ignore[attr-defined, no-any-return]
+        conn = self._conn()
+        if conn is not None:  # os.sendfile needs a kernel socket: the SdpSocket reads+sends
+            return conn.sendfile(file, offset, count)
         return super().sendfile(file, offset, count)
+
+    # Python 3.12's selector transport writes with sendmsg (gather) when it has queued data.
+    def sendmsg(self, buffers: Any, ancdata: Any = (), flags: int = 0,
+                address: Any = None) -> int:
+        conn = self._conn()
+        if conn is not None:
+            return conn.sendmsg(buffers, ancdata, flags, address)
+        if address is None:
+            return super().sendmsg(buffers, ancdata, flags)
+        return super().sendmsg(buffers, ancdata, flags, address)
+
+    def recvmsg(self, bufsize: int, ancbufsize: int = 0, flags: int = 0) -> Any:
+        conn = self._conn()
+        if conn is not None:
+            return conn.recvmsg(bufsize, ancbufsize, flags)
+        return super().recvmsg(bufsize, ancbufsize, flags)
+
+    def recvmsg_into(self, buffers: Any, ancbufsize: int = 0, flags: int = 0) -> Any:
+        conn = self._conn()
+        if conn is not None:
+            return conn.recvmsg_into(buffers, ancbufsize, flags)
+        return super().recvmsg_into(buffers, ancbufsize, flags)
 
     def shutdown(self, how: int) -> None:
         conn = self._conn()
@@ -585,6 +608,40 @@ def patch(rules: _rules.Rules | str | os.PathLike[str] | None = None, *,
         if not _state.patched:
             _socketmod.socket = HybridSocket  # type: ignore[misc]
             _state.patched = True
+        _hook_asyncio_sendfile()
+
+
+def _is_rdma(sock: Any) -> bool:
+    return isinstance(sock, SdpSocket) or (_is_hybrid(sock) and sock._conn() is not None)
+
+
+def _hook_asyncio_sendfile() -> None:
+    """Make asyncio's native sendfile decline RDMA sockets, so it falls back to send().
+
+    ``loop.sendfile(transport)`` and ``loop.sock_sendfile(sock)`` on the selector loop call
+    ``os.sendfile(sock.fileno(), ...)``; an RDMA socket's fileno() is its readiness fd, so
+    the file would go into that socketpair instead of to the peer. Raising
+    ``SendfileNotAvailableError`` is asyncio's own way to say "use the fallback" (read the
+    file, ``transport.write``/``sock_sendall``). Only RDMA sockets are affected, so the hook
+    stays installed after unpatch() (sockets made while patched keep working).
+    """
+    import asyncio
+    from asyncio import unix_events
+
+    cls: Any = unix_events._UnixSelectorEventLoop
+    orig = cls._sock_sendfile_native
+    if getattr(orig, "_usdp_hook", False):
+        return
+
+    async def _sock_sendfile_native(self: Any, sock: Any, file: Any, offset: int,
+                                    count: int | None) -> int:
+        if _is_rdma(sock):
+            raise asyncio.SendfileNotAvailableError(
+                "an RDMA socket has no kernel fd for os.sendfile; falling back to send()")
+        return await orig(self, sock, file, offset, count)  # type: ignore[no-any-return]
+
+    _sock_sendfile_native._usdp_hook = True  # type: ignore[attr-defined]
+    cls._sock_sendfile_native = _sock_sendfile_native
 
 
 def unpatch() -> None:

@@ -264,6 +264,95 @@ class SdpSocket:
             return 0
         return ep.recv_into(mv, self._timeout)
 
+    # ------------------------------------------------------------------ scatter/gather, sendfile
+    # Built only on send/recv_into/sendall above, so they follow whatever is beneath.
+
+    def sendmsg(self, buffers: Any, ancdata: Any = (), flags: int = 0,
+                address: Any = None) -> int:
+        """Gather send: like one ``send()`` of the buffers joined (returns how many bytes
+        were taken, from the front). Small buffers are joined so they share a frame;
+        large ones go as they are. No ancillary data: a stream over RDMA has none."""
+        if any(True for _ in ancdata):
+            raise InvalidArgument(errno.EOPNOTSUPP, "sendmsg: usdp sockets carry no "
+                                  "ancillary data (SCM_RIGHTS and the like need a Unix socket)")
+        if address is not None:
+            raise AlreadyConnected(errno.EISCONN, "sendmsg: an address on a connected "
+                                   "stream socket")
+        sent = 0
+        for chunk in _gather(buffers):
+            try:
+                n = self.send(chunk, flags)
+            except (BlockingIOError, TimeoutError):
+                if sent:
+                    return sent  # what was taken so far, as a short send
+                raise
+            sent += n
+            if n < len(chunk):
+                break
+        return sent
+
+    def recvmsg(self, bufsize: int, ancbufsize: int = 0,
+                flags: int = 0) -> tuple[bytes, list[Any], int, Any]:
+        """``(data, [], 0, None)``: like ``recv()``; there is never ancillary data."""
+        _check_ancbufsize(ancbufsize)
+        return self.recv(bufsize, flags), [], 0, None
+
+    def recvmsg_into(self, buffers: Any, ancbufsize: int = 0,
+                     flags: int = 0) -> tuple[int, list[Any], int, Any]:
+        """Scatter receive: fills the buffers in order; ``(nbytes, [], 0, None)``."""
+        _check_ancbufsize(ancbufsize)
+        views = [memoryview(b).cast("B") for b in buffers]
+        if len(views) == 1:
+            return self.recv_into(views[0], 0, flags), [], 0, None
+        # One receive for all (what is there now, as a kernel socket gives), then spread:
+        # a receive per buffer could block after the first one is full.
+        tmp = bytearray(sum(len(v) for v in views))
+        n = self.recv_into(tmp, 0, flags)
+        done = 0
+        for v in views:
+            take = min(len(v), n - done)
+            if take <= 0:
+                break
+            v[:take] = tmp[done:done + take]
+            done += take
+        return n, [], 0, None
+
+    def sendfile(self, file: Any, offset: int = 0, count: int | None = None) -> int:
+        """Send a file (binary mode, from ``offset``, ``count`` bytes or to its end); like
+        ``socket.socket.sendfile``: returns the bytes sent and leaves the file position
+        after them. RDMA has no os.sendfile: the file is read in chunks and sendall()ed."""
+        if "b" not in getattr(file, "mode", "b"):
+            raise ValueError("file should be opened in binary mode")
+        if count is not None:
+            if not isinstance(count, int):
+                raise TypeError(f"count must be a positive integer (got {count!r})")
+            if count <= 0:
+                raise ValueError(f"count must be a positive integer (got {count!r})")
+        if self._timeout == 0.0:
+            raise ValueError("non-blocking sockets are not supported")
+        if offset:
+            file.seek(offset)
+        chunk = bytearray(_SENDFILE_CHUNK)
+        view = memoryview(chunk)
+        sent = 0
+        try:
+            while count is None or sent < count:
+                want = len(chunk) if count is None else min(len(chunk), count - sent)
+                if hasattr(file, "readinto"):
+                    n = file.readinto(view[:want])
+                    data: Any = view[:n]
+                else:
+                    data = file.read(want)
+                    n = len(data)
+                if not n:
+                    break
+                self.sendall(data)
+                sent += n
+            return sent
+        finally:
+            if sent > 0 and hasattr(file, "seek"):
+                file.seek(offset + sent)
+
     def makefile(self, mode: str = "r", buffering: int | None = None, *,
                  encoding: str | None = None, errors: str | None = None,
                  newline: str | None = None) -> Any:
@@ -456,3 +545,36 @@ def create_connection(address: _Address, timeout: float | None = None,
         s.close()
         raise
     return s
+
+
+#: sendfile() reads the file in chunks of this size.
+_SENDFILE_CHUNK = 256 * 1024
+#: sendmsg() joins buffers smaller than this into shared chunks of up to _GATHER_JOIN.
+_GATHER_SMALL = 16 * 1024
+_GATHER_JOIN = 64 * 1024
+
+
+def _gather(buffers: Any) -> list[memoryview]:
+    """sendmsg's buffers as send() chunks: small neighbours joined (one frame instead of
+    one each), large ones as they are (no copy)."""
+    out: list[memoryview] = []
+    small: list[memoryview] = []
+    size = 0
+    for b in buffers:
+        v = memoryview(b).cast("B")
+        if small and (len(v) >= _GATHER_SMALL or size + len(v) > _GATHER_JOIN):
+            out.append(memoryview(b"".join(small)) if len(small) > 1 else small[0])
+            small, size = [], 0
+        if len(v) >= _GATHER_SMALL:
+            out.append(v)
+        elif v:
+            small.append(v)
+            size += len(v)
+    if small:
+        out.append(memoryview(b"".join(small)) if len(small) > 1 else small[0])
+    return out
+
+
+def _check_ancbufsize(ancbufsize: int) -> None:
+    if ancbufsize < 0:
+        raise ValueError("negative buffer size in recvmsg")
