@@ -91,6 +91,7 @@ class Endpoint:
         self._send_completions = 0
         self._cm_events = 0
         self._corked_sends = 0
+        self._sent_since_recv = True  # a user send since the last recv wait
         self._rsize = res.recv_ring.size
         self._rview = res.recv_ring.view
 
@@ -291,6 +292,7 @@ class Endpoint:
                 self.wait(lambda: self.sp.cork is None or self._broken(), timeout, "send")
                 self._check_send()
             return self.zc.send(data, timeout)
+        self._sent_since_recv = True
         n = self.sp.send_bcopy(data, timeout == 0.0)
         if self.sp.cork is not None:
             self._corked_sends += 1
@@ -311,7 +313,8 @@ class Endpoint:
             return
         if sp.free:
             self.conn.can_send_data()  # counts the stall
-        self.wait(lambda: ready() or self._broken(), timeout, what)
+        # A writer waiting for credits or slots is throughput-bound: it naps.
+        self.engine.wait(lambda: ready() or self._broken(), timeout, what, nap=True)
         self._check_send()
         if self.peer_gone:
             raise BrokenPipe(errno.EPIPE, "Broken pipe (peer disconnected)")
@@ -331,7 +334,11 @@ class Endpoint:
     def recv_into(self, out: memoryview, timeout: float | None) -> int:
         """``socket.recv_into``: wait for bytes, EOF or an error; 0 means EOF."""
         with self.lock:
-            self.wait(self._recv_ready, timeout, "recv")
+            if not self._recv_ready():
+                # A reader that sent nothing since its last wait is reading a stream
+                # (throughput: nap); one that did is waiting for a reply (latency: no nap).
+                nap, self._sent_since_recv = not self._sent_since_recv, False
+                self.engine.wait(self._recv_ready, timeout, "recv", nap=nap)
             if self.conn.readable:
                 return self._recv_some(out)
             err = self.conn.error
@@ -419,6 +426,7 @@ class Endpoint:
             "arms": es.arms,
             "busy_polls": es.busy_polls,
             "sleeps": es.sleeps,
+            "naps": es.naps,
             "arm_timers": es.arm_timers,
             "zcopy_sends": self.zc.sends,
             "zcopy_bytes_out": self.zc.bytes_out,

@@ -74,6 +74,9 @@ ARM_DELAY = 0.010
 CORK_DELAY = 0.001
 #: Busy-poll budget bounds (seconds); the budget adapts between them (see ``_adapt``).
 SPIN_FLOOR = 20e-6
+#: A napping wait polls every NAP for up to NAP_ROUNDS before it arms (``wait(nap=True)``).
+NAP = 0.001
+NAP_ROUNDS = 10
 
 
 @dataclass
@@ -86,6 +89,7 @@ class EngineStats:
     arms: int = 0
     busy_polls: int = 0  # waits satisfied while busy-polling
     sleeps: int = 0  # waits that slept on the completion fds
+    naps: int = 0  # waits satisfied by a poll after a nap (no arm, no event)
     arm_timers: int = 0  # arming delays that the completion thread served
 
 
@@ -154,6 +158,7 @@ class Engine:
         self.closed = False
         self._due: float | None = None  # an arming timer is scheduled for then
         self._woken = _NONE  # CQ fds a sleeper saw readable
+        self._napping = 0  # threads napping on this connection (they poll within NAP)
 
     # ------------------------------------------------------------------ polling
 
@@ -255,6 +260,8 @@ class Engine:
         if not self.defer:
             self._arm_and_poll(BOTH)
             return
+        if self._napping:
+            return  # a napping thread polls within NAP: nothing to arm or schedule
         need_send = self._send_events_needed()
         if progress().on_thread or self._eager():
             self._arm_and_poll(RECV | SEND if need_send else RECV)
@@ -274,7 +281,7 @@ class Engine:
         """Completion thread: an arming delay ran out. Serve it if nobody is inside."""
         if self.closed:
             return
-        if not self.lock.lock(timeout=0):
+        if self._napping or not self.lock.lock(timeout=0):
             # A user is inside; its leave may have seen our timer as still pending, so
             # keep one going for as long as the connection stays owned.
             self._due = time.monotonic() + ARM_DELAY
@@ -295,8 +302,16 @@ class Engine:
 
     # ------------------------------------------------------------------ waiting
 
-    def wait(self, predicate: Callable[[], bool], timeout: float | None, what: str) -> None:
+    def wait(self, predicate: Callable[[], bool], timeout: float | None, what: str, *,
+             nap: bool = False) -> None:
         """The owner waits until ``predicate()``: busy-poll, then sleep on the fds.
+
+        With ``nap`` (a wait that throughput, not latency, depends on: a pure reader of a
+        stream, a writer waiting for credits), the sleep starts with up to ``NAP_ROUNDS``
+        naps of ``NAP`` without arming, each followed by a poll: frames that keep coming
+        are picked up without a single event (Linux's ``napi_defer_hard_irqs`` with
+        ``gro_flush_timeout``). Only a wait that outlasts the naps arms and sleeps on the
+        fds. Request/response waits do not nap: their latency is the point.
 
         Raises:
             WouldBlock: ``timeout`` is 0 and the predicate is false after one poll.
@@ -328,8 +343,27 @@ class Engine:
             if now >= spin_end or self.lock.has_waiters or self.closed \
                     or (deadline is not None and now >= deadline):
                 break
-        # 2. Arm, poll again, sleep on the completion fds; poll ourselves on waking.
         wake = _wake_fd()
+        # 2. Naps: sleep without arming, poll on waking (no events while frames flow).
+        if nap:
+            for _ in range(NAP_ROUNDS):
+                if deadline is not None and time.monotonic() + NAP >= deadline:
+                    break
+                seen = self.lock.generation
+                self._napping += 1
+                try:
+                    if self.lock.sleep(self._nap, wake.fd, seen, None):
+                        wake.clear()
+                finally:
+                    self._napping -= 1
+                self.poll_all()
+                if predicate():
+                    self.stats.naps += 1
+                    self._adapt(time.monotonic() - start)
+                    return
+                if self.closed:
+                    break
+        # 3. Arm, poll again, sleep on the completion fds; poll ourselves on waking.
         while True:
             seen = self.lock.generation
             self._arm_and_poll(RECV | SEND if self._sends_outstanding() else RECV)
@@ -361,6 +395,13 @@ class Engine:
             elif fd == recv_fd:
                 woken |= RECV
         self._woken |= woken
+
+    @staticmethod
+    def _nap(timeout: float | None) -> None:
+        """A nap: wait on our wake fd only (a change by another thread), for ``NAP``."""
+        p = select.poll()
+        p.register(_wake_fd().fd, select.POLLIN)
+        p.poll(math.ceil(NAP * 1000))
 
     def _adapt(self, waited: float) -> None:
         """Adapt the busy-poll budget: twice what recent waits took, within the bounds.

@@ -102,7 +102,7 @@ class SimRes:
 
 
 def _run(count: int, solicited: list[bool], pace: list[int], waiters: int, defer: bool,
-         busy_poll: float, race: bool) -> None:
+         busy_poll: float, race: bool, nap: bool = False) -> None:
     res = SimRes()
     next_id = [0]
     feed = threading.Lock()
@@ -139,7 +139,7 @@ def _run(count: int, solicited: list[bool], pace: list[int], waiters: int, defer
             while True:
                 with engine.lock:
                     engine.wait(lambda: len(handled) > taken[0] or taken[0] >= count,
-                                20.0, "sim")
+                                20.0, "sim", nap=nap)
                     if taken[0] >= count:
                         return
                     taken[0] += 1
@@ -180,11 +180,12 @@ def _run(count: int, solicited: list[bool], pace: list[int], waiters: int, defer
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(count=st.integers(1, 60), solicited=st.lists(st.booleans(), min_size=1, max_size=8),
        pace=st.lists(st.integers(0, 5), min_size=1, max_size=8), waiters=st.integers(1, 3),
-       defer=st.booleans(), busy_poll=st.sampled_from([0.0, 200e-6]), race=st.booleans())
+       defer=st.booleans(), busy_poll=st.sampled_from([0.0, 200e-6]), race=st.booleans(),
+       nap=st.booleans())
 def test_no_completion_lost_twice_or_slept_on(count: int, solicited: list[bool],
                                              pace: list[int], waiters: int, defer: bool,
-                                             busy_poll: float, race: bool) -> None:
-    _run(count, solicited, pace, waiters, defer, busy_poll, race)
+                                             busy_poll: float, race: bool, nap: bool) -> None:
+    _run(count, solicited, pace, waiters, defer, busy_poll, race, nap)
 
 
 def test_idle_wait_sleeps_instead_of_spinning() -> None:
