@@ -54,7 +54,7 @@ _PEER_GONE_EVENTS = frozenset({
 #: the completion of a signaled send; a sender that never waits must look for it).
 CORK_POLL_EVERY = 16
 #: Default most a wait busy-polls before sleeping (Options.busy_poll).
-BUSY_POLL = 0.001
+BUSY_POLL = 0.0002
 
 
 class Endpoint:

@@ -164,6 +164,7 @@ class Engine:
 
     def _poll_cq(self, send: bool) -> int:
         """Poll one CQ until it is empty, handling each completion (owner only)."""
+        assert self.lock._owner == threading.get_ident(), "polled by a non-owner"
         cq = self.res.send_cq if send else self.res.recv_cq
         handle = self._on_send_wc if send else self._on_recv_wc
         st = self.stats
@@ -343,6 +344,7 @@ class Engine:
             if now >= spin_end or self.lock.has_waiters or self.closed \
                     or (deadline is not None and now >= deadline):
                 break
+            time.sleep(0)  # lets the process's other threads have the GIL between polls
         wake = _wake_fd()
         # 2. Naps: sleep without arming, poll on waking (no events while frames flow).
         if nap:
