@@ -139,6 +139,10 @@ class Endpoint:
     def _after(self) -> None:
         """After completions were processed (owner): disconnect, cork, control, readiness."""
         if self._cm_gone_pending:
+            # Every frame the peer sent came before its disconnect: take them all (its
+            # DISCONN among them) before judging EOF or reset. A drain of one CQ only, or
+            # one that ran before the CM event was seen, is not enough.
+            self.engine.poll_both()
             self._handle_peer_gone()
         if self.sp.cork is not None:
             self.sp.flush_cork()  # posts only if due and a credit allows (never after an error)

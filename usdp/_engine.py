@@ -232,6 +232,11 @@ class Engine:
         """Poll the send CQ only (the owner looks for the cause of a flush)."""
         return 0 if self.closed else self._poll_cq(True)
 
+    def poll_both(self) -> int:
+        """Poll both CQs, send first, without running ``after`` (the owner makes sure it
+        has seen every completion that came before a CM event)."""
+        return 0 if self.closed else self._poll_cq(True) + self._poll_cq(False)
+
     def _arm_and_poll(self, flags: CqPend, *, after: bool = True) -> None:
         """Arm the flagged CQs that are not armed, and poll each one armed just now."""
         if self.closed:

@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from usdp._connection import Connection
+from usdp._connection import Connection, State
 from usdp._errors import UsdpError, from_wc
 from usdp._liveness import AckWatch
 from usdp._signaling import (
@@ -34,7 +34,7 @@ from usdp._signaling import (
     solicit_data,
 )
 from usdp._verbs import WC_FLUSH, WC_SUCCESS, QPResources
-from usdp._wire import HEADER_SIZE, Header, pack_header_into
+from usdp._wire import HEADER_SIZE, Header, Mid, pack_header_into
 
 
 class SendPath:
@@ -74,8 +74,12 @@ class SendPath:
     # ------------------------------------------------------------------ posting
 
     def post_frame(self, h: Header, payload: Any, *, control: bool = False,
-                   last: bool = True) -> None:
-        """Copy ``h`` and ``payload`` into a free slot and post it."""
+                   last: bool = True, waited_on: bool | None = None) -> None:
+        """Copy ``h`` and ``payload`` into a free slot and post it.
+
+        ``waited_on`` (default: ``control``) says a completion of this frame is awaited
+        (always signaled); a credit update is a control frame nobody waits on.
+        """
         slot = self.free.popleft()
         base = slot * self._ssize
         sview = self._sview
@@ -84,12 +88,14 @@ class SendPath:
         if payload is not None:
             n += len(payload)
             sview[base + HEADER_SIZE : base + n] = payload
-        self._post_slot(slot, n, control=control, last=last)
+        self._post_slot(slot, n, control=control, last=last,
+                        waited_on=control if waited_on is None else waited_on)
 
-    def _post_slot(self, slot: int, n: int, *, control: bool, last: bool) -> None:
+    def _post_slot(self, slot: int, n: int, *, control: bool, last: bool,
+                   waited_on: bool = False) -> None:
         conn = self.conn
         credit_after = conn.data_credit_ok()
-        signaled = signal_send(self.policy, control=control, unsignaled_run=self._unsignaled,
+        signaled = signal_send(self.policy, control=waited_on, unsignaled_run=self._unsignaled,
                                free_slots_after=len(self.free), credit_ok_after=credit_after,
                                inflight_before=len(self.inflight),
                                signaled_inflight=self.signaled_inflight)
@@ -127,7 +133,11 @@ class SendPath:
             if frame is None:
                 return
             h, payload = frame
-            self.post_frame(h, memoryview(payload) if payload else None, control=True)
+            # A credit update is awaited by nobody, unless our side is closing: then
+            # close() waits for every posted send, and only a signaled one can tell.
+            self.post_frame(h, memoryview(payload) if payload else None, control=True,
+                            waited_on=h.mid != Mid.CREDIT_UPDATE
+                            or self.conn.state is not State.OPEN)
 
     # ------------------------------------------------------------------ completions
 

@@ -34,7 +34,8 @@ A send completion costs a Python object in pyverbs, so most sends are unsignaled
 signaled completion frees every slot before it (sends complete in order). A send is
 signaled when:
 
-* it is a control frame (the owner or the watchdog waits on those);
+* it is a control frame that someone waits on (DISCONN, ABORT, KEEPALIVE, SrcAvail,
+  RdmaRdCompl: the owner or the watchdog waits for those); a credit update is not;
 * ``every`` sends have gone unsignaled;
 * it uses the last free slot or the last usable credit (a sender about to wait must get a
   completion, and the ack watchdog needs a signaled send to watch);
@@ -91,7 +92,7 @@ def signal_send(policy: SignalPolicy, *, control: bool, unsignaled_run: int,
     """Should this send request a completion (``IBV_SEND_SIGNALED``)?
 
     Args:
-        control: a control frame (always signaled).
+        control: a control frame whose completion is awaited (always signaled).
         unsignaled_run: sends posted unsignaled since the last signaled one.
         free_slots_after: free send slots once this one is taken.
         credit_ok_after: whether another DATA frame could be sent after this one.
