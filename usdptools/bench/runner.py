@@ -7,6 +7,12 @@ Run inside the test bed (``scripts/bench`` boots it). Placement:
   (198.18.0.2), so its bytes cross the veth pair rather than the kernel's loopback device.
 * two hosts (``--hosts 2``): every server runs on host B (through its agent), every client
   on host A; all traffic crosses the emulated link.
+
+Rounds (``--rounds``, default 3): round r runs every contender at every size once, the
+contenders in an order rotated by r, and the report gives the median of each metric over
+the rounds, so that one noisy moment of the shared, emulated machine cannot decide a
+ratio. Python measurements also report CPU seconds (user + sys, client and server) per MiB
+moved.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from usdptools.bench import report
+from usdptools.bench import report, summary
 from usdptools.bench.procs import Done, Local, Netns, Place, Remote, client_until_up
 
 WORKER = Path(__file__).with_name("worker.py")
@@ -53,6 +59,7 @@ class Config:
     lat_iters: int  # C-tool ping-pong iterations at small sizes
     out: Path
     profile: bool
+    rounds: int
     dev: str
     addr_a: str
     addr_b: str
@@ -97,18 +104,22 @@ def describe(r: dict[str, Any]) -> str:
     if r.get("error"):
         first: str = str(r["error"]).splitlines()[0][:100]
         return head + "FAILED " + first
+    cpu = summary.cpu_per_mib(r).get("cpu_s_per_mib")
+    tail = "" if cpu is None else f", CPU {cpu:.3g} s/MiB"
     if r["mode"] == "stream":
-        return head + f"{r['bytes_per_s'] / MiB:9.2f} MiB/s"
+        return head + f"{r['bytes_per_s'] / MiB:9.2f} MiB/s" + tail
     p50 = r.get("rtt_p50_us") or r.get("rtt_mean_us") or 0.0
-    return head + f"RTT p50 {p50:9.0f} us"
+    return head + f"RTT p50 {p50:9.0f} us" + tail
 
 
 # ---------------------------------------------------------------------------- Python side
 
 
 def python_contender(cfg: Config, name: str, server: Place, prog: Progress,
-                     modes: list[str], profile: str | None = None,
+                     modes: list[str], rnd: int = 0, profile: str | None = None,
                      sizes: list[int] | None = None) -> None:
+    """One client and one server process run every (mode, size) of this contender for
+    round ``rnd``; each result line becomes a measurement tagged with the round."""
     sizes = sizes or cfg.sizes
     kind = "usdp" if name.startswith("usdp") else "rspreload" if name == "rspreload" else "tcp"
     extra = {"usdp-zcopy": ["--zcopy", str(ZCOPY_THRESHOLD)],
@@ -122,7 +133,7 @@ def python_contender(cfg: Config, name: str, server: Place, prog: Progress,
              "--max-size", str(max(sizes))]
     cargv = [py, str(WORKER), "client", *common, "--quit", "--seconds", str(cfg.seconds),
              "--tests", *tests]
-    tag = profile or name
+    tag = profile or f"{name}-r{rnd}"
     if profile:
         sargv += ["--profile", str(cfg.out / f"profile-{tag}-server.txt")]
         cargv += ["--profile", str(cfg.out / f"profile-{tag}-client.txt")]
@@ -150,6 +161,7 @@ def python_contender(cfg: Config, name: str, server: Place, prog: Progress,
                     break
                 res = json.loads(line)
                 res["contender"] = name
+                res["round"] = rnd
                 if profile:
                     res["profiled"] = True
                 got.append(res)
@@ -177,7 +189,7 @@ def python_contender(cfg: Config, name: str, server: Place, prog: Progress,
             mode = "stream" if m == "S" else "pingpong"
             if not profile:
                 cfg.results.append({"contender": name, "mode": mode, "size": int(s),
-                                    "error": msg})
+                                    "round": rnd, "error": msg})
             prog.step(describe({"contender": name, "mode": mode, "size": int(s),
                                 "error": msg}))
 
@@ -204,7 +216,7 @@ def clamp(v: int, lo: int, hi: int) -> int:
 
 
 def c_tool(cfg: Config, name: str, server: Place, mode: str, size: int,
-           prog: Progress) -> None:
+           prog: Progress, rnd: int = 0) -> None:
     port = next_port()
     addr = server.addr
     to = 180.0
@@ -228,10 +240,10 @@ def c_tool(cfg: Config, name: str, server: Place, mode: str, size: int,
     # the server's GID index is its own host's; -x is read locally by each side
     if isinstance(server, Remote) and name != "rstream":
         sargv[sargv.index("-x") + 1] = str(_remote_gid_guess(cfg))
-    log = cfg.out / "logs" / f"{name}-{mode}-{size}"
+    log = cfg.out / "logs" / f"{name}-{mode}-{size}-r{rnd}"
     t0 = time.monotonic()
     srv = server.spawn(sargv, {}, log.with_name(log.name + "-server"))
-    res: dict[str, Any] = {"contender": name, "mode": mode, "size": size}
+    res: dict[str, Any] = {"contender": name, "mode": mode, "size": size, "round": rnd}
     try:
         d = client_until_up(cargv, {}, srv, to)
         (log.with_name(log.name + "-client.out")).write_text(d.stdout + "\n" + d.stderr)
@@ -328,24 +340,27 @@ def run(cfg: Config) -> int:
                      f"veth peer namespace usdp-b ({cfg.addr_b}), so TCP crosses the veth "
                      "pair, not the loopback device")
     pairs = plan(cfg)
-    total = sum(len(cfg.sizes) for _ in pairs) + (2 if cfg.profile else 0)
+    total = cfg.rounds * len(pairs) * len(cfg.sizes) + (2 if cfg.profile else 0)
     prog = Progress(total)
-    prog.note(f"{len(cfg.contenders)} contenders x {len(cfg.sizes)} sizes, {total} "
-              f"measurements; {placement}")
+    prog.note(f"{cfg.rounds} round(s) x {len(cfg.contenders)} contenders x "
+              f"{len(cfg.sizes)} sizes, {total} measurements; {placement}")
     prog.note("the VM is emulated (TCG): absolute numbers mean nothing, ratios within "
               "this run do")
     t0 = time.monotonic()
     try:
-        for c in cfg.contenders:
-            modes = [m for cc, m in pairs if cc == c]
-            if c.startswith("usdp") or c in ("tcp", "rspreload"):
-                place = tcp_srv if c == "tcp" else rdma_srv
-                python_contender(cfg, c, place, prog,
-                                 ["S" if m == "stream" else "P" for m in modes])
-            else:
-                for m in modes:
-                    for s in cfg.sizes:
-                        c_tool(cfg, c, rdma_srv, m, s, prog)
+        for rnd in range(cfg.rounds):
+            order = summary.rotation(cfg.contenders, rnd)
+            prog.note(f"round {rnd + 1}/{cfg.rounds}: " + ", ".join(order))
+            for c in order:
+                modes = [m for cc, m in pairs if cc == c]
+                if c.startswith("usdp") or c in ("tcp", "rspreload"):
+                    place = tcp_srv if c == "tcp" else rdma_srv
+                    python_contender(cfg, c, place, prog,
+                                     ["S" if m == "stream" else "P" for m in modes], rnd)
+                else:
+                    for m in modes:
+                        for s in cfg.sizes:
+                            c_tool(cfg, c, rdma_srv, m, s, prog, rnd)
         if cfg.profile:
             size = 64 * KiB if 64 * KiB in cfg.sizes else max(cfg.sizes)
             prog.note(f"profiling the usdp BCopy stream at {fmt_size(size)} (pyinstrument)")
@@ -358,14 +373,15 @@ def run(cfg: Config) -> int:
             remote.close()
     meta = {
         "hosts": cfg.hosts, "device": cfg.dev, "placement": placement,
-        "sizes": cfg.sizes, "contenders": cfg.contenders, "seconds_per_python_test":
+        "sizes": cfg.sizes, "contenders": cfg.contenders, "rounds": cfg.rounds,
+        "seconds_per_python_test":
         cfg.seconds, "stream_bytes_per_c_test": cfg.stream_bytes,
         "zcopy_threshold": ZCOPY_THRESHOLD, "wall_seconds": time.monotonic() - t0,
         "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv),
         "emulated": os.environ.get("USDP_IN_VM") == "1",
     }
-    summary = report.write(cfg.out, meta, cfg.results, LABELS)
-    print(summary, flush=True)
+    md = report.write(cfg.out, meta, cfg.results, LABELS)
+    print(md, flush=True)
     failed = [r for r in cfg.results if r.get("error")]
     if failed:
         prog.note(f"{len(failed)} measurement(s) failed; see {cfg.out / 'logs'}")
@@ -386,6 +402,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hosts", type=int, choices=[1, 2],
                     default=int(os.environ.get("USDP_HOSTS", "1")))
     ap.add_argument("--quick", action="store_true", help="3 sizes, short measurements")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="interleaved rounds; the report gives the median of each metric "
+                         "(default 3)")
     ap.add_argument("--sizes", nargs="+", type=parse_size, help="e.g. 64 4K 1M")
     ap.add_argument("--contenders", nargs="+", choices=ALL, default=ALL)
     ap.add_argument("--seconds", type=float, help="time per Python measurement")
@@ -395,6 +414,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="also profile the usdp stream and ping-pong (pyinstrument)")
     ap.add_argument("--out", type=Path, help="results folder (default results/bench-<time>)")
     args = ap.parse_args(argv)
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
     quick = args.quick
     out = args.out or Path(os.environ.get("USDP_OUT", "results")) / \
         time.strftime("bench-%Y%m%d-%H%M%S")
@@ -402,10 +423,12 @@ def main(argv: list[str] | None = None) -> int:
         hosts=args.hosts,
         sizes=args.sizes or (QUICK_SIZES if quick else DEFAULT_SIZES),
         contenders=args.contenders,
-        seconds=args.seconds or (0.5 if quick else 1.5),
-        stream_bytes=args.stream_bytes or (4 * MiB if quick else 32 * MiB),
-        lat_iters=args.lat_iters or (100 if quick else 1000),
-        out=out.resolve(), profile=args.profile,
+        # Per measurement, shorter than with one round: three rounds keep a full one-host
+        # run near 10-15 min and --quick near 2-3 min in the emulated VM.
+        seconds=args.seconds or (0.2 if quick else 0.5),
+        stream_bytes=args.stream_bytes or (2 * MiB if quick else 12 * MiB),
+        lat_iters=args.lat_iters or (50 if quick else 400),
+        out=out.resolve(), profile=args.profile, rounds=args.rounds,
         dev=os.environ.get("USDP_RXE_DEV", "rxe0"),
         addr_a=os.environ.get("USDP_HOST_A", "198.18.0.1"),
         addr_b=os.environ.get("USDP_HOST_B", "198.18.0.2"),

@@ -19,8 +19,15 @@ Protocol, one connection per test: the client sends a 9-byte header (mode ``S`` 
 ``P`` ping-pong, ``Q`` quit; size as u64). Stream: the client sends ``size``-byte messages
 for the test's duration, then shuts down its write side; the server reads to EOF.
 Ping-pong: the client sends ``size`` bytes, the server echoes them, until the client shuts
-down. Either way the server then answers one JSON line (its ``stats()`` for usdp) and
-closes, and the client prints one JSON line per test on stdout.
+down. Either way the server then answers one JSON line (its ``stats()`` for usdp, and the
+CPU time it spent on the test) and closes, and the client prints one JSON line per test on
+stdout.
+
+CPU time: each side takes ``getrusage(RUSAGE_SELF)`` (user and sys of every thread of the
+process, so usdp's completion thread and rsockets' threads count too) before and after
+its timed part, and reports the difference (``client_cpu``/``server_cpu``, seconds). The
+server's part runs from the test's header to the stream's last message (stream) or the
+client's EOF (ping-pong, warm-up included: two messages).
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import argparse
 import errno
 import json
 import os
+import resource
 import socket
 import statistics
 import struct
@@ -95,6 +103,23 @@ def _settimeout(sock: Any, args: argparse.Namespace, seconds: float) -> None:
     every test anyway."""
     if args.kind != "rspreload":
         sock.settimeout(seconds)
+
+
+def _cpu() -> tuple[float, float]:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime, r.ru_stime
+
+
+def _cpu_since(t0: tuple[float, float]) -> dict[str, float]:
+    """User and sys CPU seconds of this process (all threads) since ``t0 = _cpu()``."""
+    u, s = _cpu()
+    return {"user": u - t0[0], "sys": s - t0[1]}
+
+
+def _reply(sock: Any, cpu0: tuple[float, float]) -> None:
+    """The server's answer after a test: its stats and the CPU time the test took."""
+    cpu = _cpu_since(cpu0)
+    sock.sendall(json.dumps({"stats": _stats(sock), "cpu": cpu}).encode() + b"\n")
 
 
 def _stats(sock: Any) -> dict[str, int]:
@@ -192,17 +217,18 @@ def serve(args: argparse.Namespace) -> int:
                 mode, size = HEADER.unpack(hdr)
                 if mode == b"Q":
                     return 0
+                cpu0 = _cpu()
                 if mode == b"S":
                     complete = _recv_stream(conn, view, size)
                     if complete:
-                        conn.sendall(json.dumps({"stats": _stats(conn)}).encode() + b"\n")
+                        _reply(conn, cpu0)
                     while conn.recv_into(view):  # to the client's EOF (untimed)
                         pass
                     continue
                 msg = view[:size]
                 while _recv_exact(conn, msg):
                     conn.sendall(msg)
-                conn.sendall(json.dumps({"stats": _stats(conn)}).encode() + b"\n")
+                _reply(conn, cpu0)
             if profiler is not None and profiler.is_running:
                 _stop_profiler(profiler, args)
     finally:
@@ -243,6 +269,7 @@ def run_test(args: argparse.Namespace, mode: str, size: int) -> dict[str, Any]:
         rtts: list[float] = []
         n = 0
         if mode == "S":
+            cpu0 = _cpu()
             t0 = time.perf_counter()
             end = t0 + args.seconds
             while n < args.max_msgs and (n < args.min_msgs or time.perf_counter() < end):
@@ -252,6 +279,7 @@ def run_test(args: argparse.Namespace, mode: str, size: int) -> dict[str, Any]:
             n += 1
             reply = _read_line(sock)  # the server has every byte
             elapsed = time.perf_counter() - t0
+            cpu = _cpu_since(cpu0)
             sock.shutdown(socket.SHUT_WR)
             _read_all(sock)
         else:
@@ -259,6 +287,7 @@ def run_test(args: argparse.Namespace, mode: str, size: int) -> dict[str, Any]:
                 sock.sendall(payload)
                 if not _recv_exact(sock, bview):
                     raise ConnectionError("EOF from the echo server")
+            cpu0 = _cpu()
             t0 = time.perf_counter()
             end = t0 + args.seconds
             while n < args.max_msgs and (n < args.min_msgs or time.perf_counter() < end):
@@ -269,13 +298,16 @@ def run_test(args: argparse.Namespace, mode: str, size: int) -> dict[str, Any]:
                 rtts.append(time.perf_counter() - t)
                 n += 1
             elapsed = time.perf_counter() - t0
+            cpu = _cpu_since(cpu0)
             sock.shutdown(socket.SHUT_WR)
             reply = _read_all(sock)
         cstats = _stats(sock)
     server = json.loads(reply.decode().strip() or "{}")
     res: dict[str, Any] = {"mode": "stream" if mode == "S" else "pingpong", "size": size,
                            "n": n, "seconds": elapsed, "client_stats": cstats,
-                           "server_stats": server.get("stats", {})}
+                           "server_stats": server.get("stats", {}), "client_cpu": cpu}
+    if "cpu" in server:
+        res["server_cpu"] = server["cpu"]
     if mode == "S":
         res["bytes_per_s"] = n * size / elapsed
     else:
