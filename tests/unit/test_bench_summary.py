@@ -160,3 +160,32 @@ def test_report_files_carry_medians_cpu_and_goals(tmp_path: Path) -> None:
     assert "## CPU seconds per MiB moved" in md
     assert "median" in md
     assert (tmp_path / "plot.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_report_lists_failed_rounds_and_teardown_errors(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    runs = _run()
+    runs[0]["teardown_error"] = "ConnectionReset: peer disconnected"
+    runs.append({"contender": "tcp", "mode": "stream", "size": 64, "round": 2,
+                 "error": "client exited early"})
+    meta = {"hosts": 2, "placement": "synthetic", "started": "now", "sizes": [64],
+            "contenders": ["usdp-bcopy", "tcp"], "rounds": 3, "zcopy_threshold": 0,
+            "command": "test", "wall_seconds": 1.0}
+    md = report.write(tmp_path, meta, runs, LABELS)
+    assert "## Goals (issue 10), 2 hosts" in md
+    assert "usdp BCopy stream 64 B, round 1: ConnectionReset: peer disconnected" in md
+    assert "Python TCP stream 64 B, round 3: client exited early" in md
+    doc = json.loads((tmp_path / "results.json").read_text())
+    tcp = next(r for r in doc["results"] if (r["contender"], r["mode"], r["size"])
+               == ("tcp", "stream", 64))
+    assert tcp["rounds"] == 2 and tcp["rounds_failed"] == 1
+
+
+def test_rstream_rate_comes_from_its_bytes_and_time() -> None:
+    from usdptools.bench import runner
+
+    out = ("name      bytes   xfers   iters   total       time     Gb/sec    usec/xfer\n"
+           "custom    64      20k     1       2.4m        8.00s      0.00     202.91\n")
+    r = runner._parse_rstream(out, moved=2 * 20000 * 64)
+    assert r["bytes_per_s"] == pytest.approx(2 * 20000 * 64 / 8.0)
+    assert r["rtt_mean_us"] == pytest.approx(2 * 202.91)

@@ -222,6 +222,13 @@ def markdown(meta: dict[str, Any], results: list[dict[str, Any]],
         for r in cc:
             out.append(f"| {_size(r['size'])} | "
                        + " | ".join(_f(r.get(k), "{:.3g}") for k in ckeys) + " |")
+    torn = [r for r in runs if r.get("teardown_error")]
+    if torn:
+        out += ["", "## Warnings: errors after a measurement (kept: the server had confirmed "
+                "every byte)", ""]
+        for r in torn:
+            out.append(f"- {lab[r['contender']]} {r['mode']} {_size(r['size'])}, round "
+                       f"{r.get('round', 0) + 1}: {r['teardown_error'][:200]}")
     failed = [r for r in runs if r.get("error")]
     if failed:
         out += ["", "## Failed measurements", ""]

@@ -18,6 +18,7 @@ moved.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import random
@@ -115,83 +116,124 @@ def describe(r: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------- Python side
 
 
-def python_contender(cfg: Config, name: str, server: Place, prog: Progress,
-                     modes: list[str], rnd: int = 0, profile: str | None = None,
-                     sizes: list[int] | None = None) -> None:
-    """One client and one server process run every (mode, size) of this contender for
-    round ``rnd``; each result line becomes a measurement tagged with the round."""
-    sizes = sizes or cfg.sizes
-    kind = "usdp" if name.startswith("usdp") else "rspreload" if name == "rspreload" else "tcp"
-    extra = {"usdp-zcopy": ["--zcopy", str(ZCOPY_THRESHOLD)],
-             "usdp-nodefer": ["--no-defer"]}.get(name, [])
-    env = {"LD_PRELOAD": RSPRELOAD} if name == "rspreload" else {}
-    port = next_port()
-    py = sys.executable
-    tests = [f"{m}:{s}" for s in sizes for m in modes]
-    common = ["--kind", kind, "--host", server.addr, "--port", str(port), *extra]
-    sargv = [py, str(WORKER), "server", *common, "--idle-timeout", "180",
-             "--max-size", str(max(sizes))]
-    cargv = [py, str(WORKER), "client", *common, "--quit", "--seconds", str(cfg.seconds),
-             "--tests", *tests]
-    tag = profile or f"{name}-r{rnd}"
-    if profile:
-        sargv += ["--profile", str(cfg.out / f"profile-{tag}-server.txt")]
-        cargv += ["--profile", str(cfg.out / f"profile-{tag}-client.txt")]
-    logs = cfg.out / "logs"
-    srv = server.spawn(sargv, env, logs / f"{tag}-server")
-    per_test = cfg.seconds + 120.0  # a test's bound: its time + connect + op timeouts
-    got: list[dict[str, Any]] = []
-    err_path = logs / f"{tag}-client.err"
-    with open(err_path, "wb") as err:
-        cli = subprocess.Popen(cargv, env={**os.environ, **env}, stdout=subprocess.PIPE,
-                               stderr=err, stdin=subprocess.DEVNULL, text=True)
-        assert cli.stdout is not None
-        sel = selectors.DefaultSelector()
-        sel.register(cli.stdout, selectors.EVENT_READ)
-        failure = ""
+class PythonPair:
+    """A Python contender's server and client processes, kept across the rounds: each
+    round writes one batch of tests to the client's stdin (``worker.py client --stdin``)
+    and reads one JSON line per test. Starting python (and usdp) takes seconds under TCG,
+    so it is paid once per run instead of once per round; both processes sleep in a
+    blocking call while other contenders run. A pair that failed is killed, its remaining
+    tests of that round recorded as failed, and a new pair starts in the next round."""
+
+    def __init__(self, cfg: Config, name: str, server: Place, rnd: int,
+                 profile: str | None = None, sizes: list[int] | None = None) -> None:
+        self.cfg, self.name, self.profile = cfg, name, profile
+        sizes = sizes or cfg.sizes
+        kind = "usdp" if name.startswith("usdp") else \
+            "rspreload" if name == "rspreload" else "tcp"
+        extra = {"usdp-zcopy": ["--zcopy", str(ZCOPY_THRESHOLD)],
+                 "usdp-nodefer": ["--no-defer"]}.get(name, [])
+        env = {"LD_PRELOAD": RSPRELOAD} if name == "rspreload" else {}
+        py = sys.executable
+        common = ["--kind", kind, "--host", server.addr, "--port", str(next_port()), *extra]
+        # The server waits for the next round while every other contender runs: no idle
+        # timeout short of the whole run (the runner stops it, or kills it on a failure).
+        sargv = [py, str(WORKER), "server", *common, "--idle-timeout", "7200",
+                 "--max-size", str(max(sizes))]
+        cargv = [py, str(WORKER), "client", *common, "--quit", "--seconds",
+                 str(cfg.seconds), "--stdin"]
+        self.tag = profile or f"{name}-from-r{rnd}"
+        if profile:
+            sargv += ["--profile", str(cfg.out / f"profile-{self.tag}-server.txt")]
+            cargv += ["--profile", str(cfg.out / f"profile-{self.tag}-client.txt")]
+        logs = cfg.out / "logs"
+        self.srv = server.spawn(sargv, env, logs / f"{self.tag}-server")
+        self.err_path = logs / f"{self.tag}-client.err"
+        with open(self.err_path, "wb") as err:
+            self.cli = subprocess.Popen(cargv, env={**os.environ, **env},
+                                        stdout=subprocess.PIPE, stderr=err,
+                                        stdin=subprocess.PIPE, text=True)
+        assert self.cli.stdout is not None and self.cli.stdin is not None
+        self.sel = selectors.DefaultSelector()
+        self.sel.register(self.cli.stdout, selectors.EVENT_READ)
+        self.started = False  # a first result came back (the start-up is behind us)
+
+    def run(self, tests: list[str], rnd: int, prog: Progress) -> bool:
+        """Run ``tests`` (``MODE:SIZE``) as round ``rnd``; False if the pair failed (it
+        is closed then, and the tests it did not finish are recorded as failed)."""
+        assert self.cli.stdin is not None and self.cli.stdout is not None
+        per_test = self.cfg.seconds + 120.0  # a test's bound: its time + connect + op timeouts
         startup = 90.0  # python + usdp import under TCG takes several seconds
+        failure = ""
+        done = 0
         try:
-            while len(got) < len(tests):
-                if not sel.select(per_test + (startup if not got else 0.0)):
-                    failure = f"no result within {per_test:.0f} s"
-                    break
-                line = cli.stdout.readline()
-                if not line:
-                    failure = "client exited early"
-                    break
-                res = json.loads(line)
-                res["contender"] = name
-                res["round"] = rnd
-                if profile:
-                    res["profiled"] = True
-                got.append(res)
-                if not profile:
-                    cfg.results.append(res)
-                prog.step(describe(res))
-            if not failure:
-                try:
-                    cli.wait(60)
-                except subprocess.TimeoutExpired:
-                    failure = "client did not exit"
-        finally:
-            sel.close()
-            if cli.poll() is None:
-                cli.kill()
-            cli.wait(10)
-    sdone = srv.wait(150 if profile else 30)  # rendering a profile is slow under TCG
-    if sdone.rc is None:
-        srv.kill()
-    if failure or cli.returncode != 0:
-        msg = (failure or f"client rc {cli.returncode}") + ": " + \
-            err_path.read_text(errors="replace")[-600:] + " | server: " + sdone.stderr[-400:]
-        for t in tests[len(got):]:
+            self.cli.stdin.write(" ".join(tests) + "\n")
+            self.cli.stdin.flush()
+        except OSError as e:
+            failure = f"client gone: {e}"
+        while not failure and done < len(tests):
+            if not self.sel.select(per_test + (0.0 if self.started else startup)):
+                failure = f"no result within {per_test:.0f} s"
+                break
+            line = self.cli.stdout.readline()
+            if not line:
+                failure = "client exited early"
+                break
+            self.started = True
+            res = json.loads(line)
+            res.update(contender=self.name, round=rnd)
+            if self.profile:
+                res["profiled"] = True
+            else:
+                self.cfg.results.append(res)
+            done += 1
+            prog.step(describe(res))
+        if not failure:
+            return True
+        msg = failure + ": " + self.kill()
+        for t in tests[done:]:
             m, s = t.split(":")
-            mode = "stream" if m == "S" else "pingpong"
-            if not profile:
-                cfg.results.append({"contender": name, "mode": mode, "size": int(s),
-                                    "round": rnd, "error": msg})
-            prog.step(describe({"contender": name, "mode": mode, "size": int(s),
-                                "error": msg}))
+            rec = {"contender": self.name, "mode": "stream" if m == "S" else "pingpong",
+                   "size": int(s), "round": rnd, "error": msg}
+            if not self.profile:
+                self.cfg.results.append(rec)
+            prog.step(describe(rec))
+        return False
+
+    def kill(self) -> str:
+        """Stop both processes now; their stderr tails, for the error message."""
+        self.sel.close()
+        if self.cli.poll() is None:
+            self.cli.kill()
+        self.cli.wait(10)
+        sdone = self.srv.wait(5)
+        if sdone.rc is None:
+            self.srv.kill()
+        return (self.err_path.read_text(errors="replace")[-600:] + " | server: "
+                + sdone.stderr[-400:])
+
+    def close(self, prog: Progress) -> None:
+        """End of the run: EOF on the client's stdin makes it stop the server and exit."""
+        assert self.cli.stdin is not None
+        try:
+            self.cli.stdin.close()
+            rc: int | None = self.cli.wait(60)
+        except (OSError, subprocess.TimeoutExpired):
+            rc = None
+        self.sel.close()
+        if rc is None:
+            self.cli.kill()
+            self.cli.wait(10)
+        sdone = self.srv.wait(150 if self.profile else 30)  # a profile renders slowly
+        if sdone.rc is None:
+            self.srv.kill()
+        if rc != 0 or sdone.rc != 0:
+            prog.note(f"warning: {self.tag}: client rc {rc}, server rc {sdone.rc} at the "
+                      f"end (every result was in); see {self.err_path}")
+
+
+def python_tests(modes: list[str], sizes: list[int]) -> list[str]:
+    """A Python contender's tests of one round, as the worker takes them."""
+    return [f"{m}:{s}" for s in sizes for m in modes]
 
 
 # ---------------------------------------------------------------------------- C tools
@@ -227,7 +269,9 @@ def c_tool(cfg: Config, name: str, server: Place, mode: str, size: int,
             count, iters = 1, clamp(cfg.stream_bytes // 4 // size, 10, cfg.lat_iters)
         args = ["-p", str(port), "-S", str(size), "-C", str(count), "-I", str(iters)]
         sargv, cargv = ["rstream", "-b", addr, *args], ["rstream", "-s", addr, *args]
-        parse: Callable[[str], dict[str, Any]] = _parse_rstream
+        # rstream echoes each iteration's transfers: both directions count
+        parse: Callable[[str], dict[str, Any]] = functools.partial(
+            _parse_rstream, moved=2 * count * iters * size)
     else:
         if mode == "stream":
             n = clamp(cfg.stream_bytes // size, 8, 20000)
@@ -293,15 +337,18 @@ def _parse_perftest_lat(out: str) -> dict[str, Any]:
             "rtt_mean_us": 2 * float(row[5]), "rtt_p99_us": 2 * float(row[7])}
 
 
-def _parse_rstream(out: str) -> dict[str, Any]:
+def _parse_rstream(out: str, moved: int) -> dict[str, Any]:
+    """rstream's result line; ``moved``: the bytes of the run, both directions (its
+    Gb/sec column has two decimals, 0.00 for small messages under TCG, so the rate is
+    computed from the bytes and its time)."""
     for line in out.splitlines():
         f = line.split()
         if len(f) == 8 and f[0] == "custom":
             secs = float(f[5].rstrip("s"))
             usec_per_xfer = float(f[7])
-            gbps = float(f[6])  # counts both directions: the client's and the echo
             # bytes moved / time: client sends C x S, then server sends C x S back
-            return {"bytes_per_s": gbps * 125e6, "seconds": secs,
+            bps = moved / secs if secs > 0 else float(f[6]) * 125e6
+            return {"bytes_per_s": bps, "seconds": secs,
                     "rtt_mean_us": 2 * usec_per_xfer,
                     "note": "rstream reports a mean only"}
     raise ValueError(f"no rstream result line in {out[-300:]!r}")
@@ -347,6 +394,7 @@ def run(cfg: Config) -> int:
     prog.note("the VM is emulated (TCG): absolute numbers mean nothing, ratios within "
               "this run do")
     t0 = time.monotonic()
+    live: dict[str, PythonPair] = {}  # Python contenders' processes, kept across rounds
     try:
         for rnd in range(cfg.rounds):
             order = summary.rotation(cfg.contenders, rnd)
@@ -355,20 +403,30 @@ def run(cfg: Config) -> int:
                 modes = [m for cc, m in pairs if cc == c]
                 if c.startswith("usdp") or c in ("tcp", "rspreload"):
                     place = tcp_srv if c == "tcp" else rdma_srv
-                    python_contender(cfg, c, place, prog,
-                                     ["S" if m == "stream" else "P" for m in modes], rnd)
+                    pair = live.get(c) or PythonPair(cfg, c, place, rnd)
+                    live[c] = pair
+                    tests = python_tests(["S" if m == "stream" else "P" for m in modes],
+                                         cfg.sizes)
+                    if not pair.run(tests, rnd, prog):
+                        del live[c]  # killed; the next round starts a new pair
                 else:
                     for m in modes:
                         for s in cfg.sizes:
                             c_tool(cfg, c, rdma_srv, m, s, prog, rnd)
+        while live:
+            live.popitem()[1].close(prog)
         if cfg.profile:
             size = 64 * KiB if 64 * KiB in cfg.sizes else max(cfg.sizes)
             prog.note(f"profiling the usdp BCopy stream at {fmt_size(size)} (pyinstrument)")
-            python_contender(cfg, "usdp-bcopy", rdma_srv, prog, ["S"],
-                             profile=f"usdp-stream-{size}", sizes=[size])
-            python_contender(cfg, "usdp-bcopy", rdma_srv, prog, ["P"],
-                             profile="usdp-pingpong-64", sizes=[64])
+            for tag, test in ((f"usdp-stream-{size}", f"S:{size}"),
+                              ("usdp-pingpong-64", "P:64")):
+                pair = PythonPair(cfg, "usdp-bcopy", rdma_srv, 0, profile=tag,
+                                  sizes=[int(test[2:])])
+                if pair.run([test], 0, prog):
+                    pair.close(prog)
     finally:
+        for pair in live.values():  # an exception: stop what still runs
+            pair.kill()
         if remote is not None:
             remote.close()
     meta = {
