@@ -151,11 +151,27 @@ class PythonPair:
         with open(self.err_path, "wb") as err:
             self.cli = subprocess.Popen(cargv, env={**os.environ, **env},
                                         stdout=subprocess.PIPE, stderr=err,
-                                        stdin=subprocess.PIPE, text=True)
+                                        stdin=subprocess.PIPE)
         assert self.cli.stdout is not None and self.cli.stdin is not None
         self.sel = selectors.DefaultSelector()
         self.sel.register(self.cli.stdout, selectors.EVENT_READ)
+        self.buf = b""  # read from the client's stdout, not yet a whole line
         self.started = False  # a first result came back (the start-up is behind us)
+
+    def _line(self, timeout: float) -> bytes | None:
+        """The client's next output line; b"" at its EOF, None if none came in time.
+        Raw reads after select (a buffered readline could hold a second line back from
+        the next select)."""
+        assert self.cli.stdout is not None
+        while b"\n" not in self.buf:
+            if not self.sel.select(timeout):
+                return None
+            chunk = os.read(self.cli.stdout.fileno(), 65536)
+            if not chunk:
+                return b""
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return line + b"\n"
 
     def run(self, tests: list[str], rnd: int, prog: Progress) -> bool:
         """Run ``tests`` (``MODE:SIZE``) as round ``rnd``; False if the pair failed (it
@@ -166,15 +182,15 @@ class PythonPair:
         failure = ""
         done = 0
         try:
-            self.cli.stdin.write(" ".join(tests) + "\n")
+            self.cli.stdin.write((" ".join(tests) + "\n").encode())
             self.cli.stdin.flush()
         except OSError as e:
             failure = f"client gone: {e}"
         while not failure and done < len(tests):
-            if not self.sel.select(per_test + (0.0 if self.started else startup)):
+            line = self._line(per_test + (0.0 if self.started else startup))
+            if line is None:
                 failure = f"no result within {per_test:.0f} s"
                 break
-            line = self.cli.stdout.readline()
             if not line:
                 failure = "client exited early"
                 break
@@ -205,6 +221,12 @@ class PythonPair:
         if self.cli.poll() is None:
             self.cli.kill()
         self.cli.wait(10)
+        for f in (self.cli.stdin, self.cli.stdout):
+            if f is not None:
+                try:
+                    f.close()
+                except OSError:
+                    pass  # a broken pipe to the dead client
         sdone = self.srv.wait(5)
         if sdone.rc is None:
             self.srv.kill()
@@ -223,6 +245,8 @@ class PythonPair:
         if rc is None:
             self.cli.kill()
             self.cli.wait(10)
+        if self.cli.stdout is not None:
+            self.cli.stdout.close()
         sdone = self.srv.wait(150 if self.profile else 30)  # a profile renders slowly
         if sdone.rc is None:
             self.srv.kill()
