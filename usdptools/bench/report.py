@@ -1,10 +1,15 @@
-"""The benchmark's outputs: results.json, results.md (tables and ratios), plot.png."""
+"""The benchmark's outputs: results.json, results.md (goals, tables and ratios), plot.png.
+
+Every table is of medians over the run's rounds (``summary.aggregate``); results.json keeps
+the per-round measurements too (``runs``)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 from typing import Any
+
+from usdptools.bench import summary
 
 MiB = 1 << 20
 USDP = "usdp-bcopy"
@@ -41,7 +46,8 @@ def zcopy_active(results: list[dict[str, Any]]) -> bool:
 
 
 def deferral(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Completion-channel events per 1000 frames (both ends summed), defer on vs off."""
+    """Completion-channel events per 1000 frames (both ends summed), defer on vs off: the
+    median over rounds of each round's ratio; the counts are the median round's."""
     idx = _index(results)
     rows = []
     for (c, mode, size), r in sorted(idx.items(), key=lambda kv: kv[0][2]):
@@ -57,7 +63,7 @@ def deferral(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             frames = cs.get("frames_out", 0) + ss.get("frames_out", 0)
             row[f"events_{tag}"] = events
             row[f"frames_{tag}"] = frames
-            row[f"per1000_{tag}"] = 1000 * events / frames if frames else None
+            row[f"per1000_{tag}"] = rr.get("events_per_1000_frames")
             row[f"deferred_{tag}"] = cs.get("drains_deferred", 0) + ss.get("drains_deferred", 0)
         if row.get("per1000_on") and row.get("per1000_off"):
             row["reduction"] = row["per1000_off"] / row["per1000_on"]
@@ -84,12 +90,46 @@ def ratios(results: list[dict[str, Any]], sizes: list[int]) -> list[dict[str, An
     return rows
 
 
+def cpu(results: list[dict[str, Any]], sizes: list[int],
+        contenders: list[str]) -> list[dict[str, Any]]:
+    """CPU seconds (user + sys, client + server) per MiB moved, medians, per size: keys
+    ``<contender>/<mode>`` where measured."""
+    idx = _index(results)
+    rows = []
+    for s in sizes:
+        row: dict[str, Any] = {"size": s}
+        for c in contenders:
+            for mode in ("stream", "pingpong"):
+                r = idx.get((c, mode, s))
+                if r is not None and r.get("cpu_s_per_mib") is not None:
+                    row[f"{c}/{mode}"] = r["cpu_s_per_mib"]
+        rows.append(row)
+    return rows
+
+
 def _f(v: float | None, fmt: str = "{:.2f}") -> str:
     return "-" if v is None else fmt.format(v)
 
 
+def goals_markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
+    """The "Goals (issue 10)" table: one row per goal, measured value, goal, met or not."""
+    hosts = "one host" if meta["hosts"] == 1 else f"{meta['hosts']} hosts"
+    out = [f"## Goals (issue 10), {hosts}", "",
+           f"Medians over {meta.get('rounds', 1)} round(s); usdp = usdp BCopy; "
+           "ratios are usdp ÷ other unless said.", "",
+           "| metric | measured | goal | status |", "|---|---:|---|---|"]
+    for g in rows:
+        val = _f(g["value"])
+        if g.get("note"):
+            val += f" ({g['note']})"
+        out.append(f"| {g['metric']} | {val} | {g['goal']} | {g['status']} |")
+    return out
+
+
 def markdown(meta: dict[str, Any], results: list[dict[str, Any]],
-             labels: dict[str, str]) -> str:
+             labels: dict[str, str], runs: list[dict[str, Any]] | None = None) -> str:
+    """results.md from the medians (``results``) and the per-round measurements."""
+    runs = results if runs is None else runs
     idx = _index(results)
     sizes: list[int] = meta["sizes"]
     zc = zcopy_active(results)
@@ -99,6 +139,10 @@ def markdown(meta: dict[str, Any], results: list[dict[str, Any]],
     cs = list(meta["contenders"])
     out = [f"# usdp benchmark, {meta['hosts']} host(s), {meta['started']}", ""]
     out.append(f"Placement: {meta['placement']}.")
+    out.append("")
+    n = meta.get("rounds", 1)
+    out.append(f"{n} interleaved round(s), the contenders' order rotating per round; every "
+               "number below is the median over the rounds that succeeded.")
     out.append("")
     if meta.get("emulated"):
         out.append("**The test bed is an emulated VM (qemu TCG): absolute numbers mean "
@@ -110,6 +154,8 @@ def markdown(meta: dict[str, Any], results: list[dict[str, Any]],
                       "**zero-copy was not active** in this build (no `zcopy_sends` "
                       "counter > 0): it measured the BCopy path again."))
         out.append("")
+    out += goals_markdown(meta, summary.goals(results, sizes))
+    out.append("")
     stream_cs = [c for c in cs if (c, "stream") in {(k[0], k[1]) for k in idx}]
     out.append("## Streaming throughput, MiB/s (one direction)")
     out.append("")
@@ -162,12 +208,34 @@ def markdown(meta: dict[str, Any], results: list[dict[str, Any]],
             out.append(f"| {_size(d['size'])} | {_f(d.get('per1000_on'), '{:.1f}')} | "
                        f"{_f(d.get('per1000_off'), '{:.1f}')} | {_f(d.get('reduction'))} | "
                        f"{d.get('deferred_on', '-')} |")
-    failed = [r for r in results if r.get("error")]
+    cc = cpu(results, sizes, cs)
+    ckeys = [f"{c}/{m}" for c in cs for m in ("stream", "pingpong")
+             if any(f"{c}/{m}" in r for r in cc)]
+    if ckeys:
+        out += ["", "## CPU seconds per MiB moved (user + sys, client + server)", "",
+                "Each side's `getrusage(RUSAGE_SELF)` over its timed part (all threads); "
+                "a ping-pong moves its bytes both ways.", ""]
+        out.append("| size | " + " | ".join(
+            f"{lab[k.split('/')[0]]} {'stream' if k.endswith('stream') else 'ping-pong'}"
+            for k in ckeys) + " |")
+        out.append("|---:|" + "---:|" * len(ckeys))
+        for r in cc:
+            out.append(f"| {_size(r['size'])} | "
+                       + " | ".join(_f(r.get(k), "{:.3g}") for k in ckeys) + " |")
+    torn = [r for r in runs if r.get("teardown_error")]
+    if torn:
+        out += ["", "## Warnings: errors after a measurement (kept: the server had confirmed "
+                "every byte)", ""]
+        for r in torn:
+            out.append(f"- {lab[r['contender']]} {r['mode']} {_size(r['size'])}, round "
+                       f"{r.get('round', 0) + 1}: {r['teardown_error'][:200]}")
+    failed = [r for r in runs if r.get("error")]
     if failed:
         out += ["", "## Failed measurements", ""]
         for r in failed:
             first = r["error"].replace("\n", " ")[:200]
-            out.append(f"- {lab[r['contender']]} {r['mode']} {_size(r['size'])}: {first}")
+            out.append(f"- {lab[r['contender']]} {r['mode']} {_size(r['size'])}, round "
+                       f"{r.get('round', 0) + 1}: {first}")
     out += ["", f"Command: `{meta['command']}`; {meta['wall_seconds']:.0f} s."]
     return "\n".join(out) + "\n"
 
@@ -180,7 +248,7 @@ def plot(path: Path, meta: dict[str, Any], results: list[dict[str, Any]],
     import matplotlib.pyplot as plt
 
     idx = _index(results)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(18, 5))
     for c in meta["contenders"]:
         pts = sorted((s, r["bytes_per_s"] / MiB) for (cc, m, s), r in idx.items()
                      if cc == c and m == "stream" and r.get("bytes_per_s"))
@@ -190,30 +258,43 @@ def plot(path: Path, meta: dict[str, Any], results: list[dict[str, Any]],
                      if cc == c and m == "pingpong" and (v := _rtt(r)))
         if lat:
             ax2.plot(*zip(*lat, strict=True), marker="o", label=labels[c])
+        cpu_pts = sorted((s, r["cpu_s_per_mib"]) for (cc, m, s), r in idx.items()
+                         if cc == c and m == "stream" and r.get("cpu_s_per_mib"))
+        if cpu_pts:
+            ax3.plot(*zip(*cpu_pts, strict=True), marker="o", label=labels[c])
     for ax, title, unit in ((ax1, "streaming throughput", "MiB/s"),
-                            (ax2, "ping-pong round trip p50", "µs")):
+                            (ax2, "ping-pong round trip p50", "µs"),
+                            (ax3, "stream CPU per MiB (client + server)", "CPU s/MiB")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("message size, bytes")
         ax.set_ylabel(unit)
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     emu = " — emulated VM: compare ratios, not absolute values" if meta.get("emulated") else ""
-    fig.suptitle(f"usdp benchmark, {meta['hosts']} host(s){emu}", fontsize=10)
+    fig.suptitle(f"usdp benchmark, {meta['hosts']} host(s), medians of "
+                 f"{meta.get('rounds', 1)} round(s){emu}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def write(out: Path, meta: dict[str, Any], results: list[dict[str, Any]],
+def write(out: Path, meta: dict[str, Any], runs: list[dict[str, Any]],
           labels: dict[str, str]) -> str:
-    """Write results.json, results.md and plot.png into ``out``; return the Markdown."""
+    """Write results.json, results.md and plot.png into ``out``; return the Markdown.
+    ``runs``: every measurement of every round; the outputs report their medians
+    (results.json: ``results`` the medians, ``runs`` the rounds)."""
     out.mkdir(parents=True, exist_ok=True)
+    results = summary.aggregate(runs)
+    sizes = meta["sizes"]
     doc = {"meta": meta, "zcopy_active": zcopy_active(results), "results": results,
-           "ratios": ratios(results, meta["sizes"]), "deferral": deferral(results)}
+           "runs": runs, "ratios": ratios(results, sizes), "deferral": deferral(results),
+           "cpu_s_per_mib": cpu(results, sizes, meta["contenders"]),
+           "goals": summary.goals(results, sizes)}
     (out / "results.json").write_text(json.dumps(doc, indent=1))
-    md = markdown(meta, results, labels)
+    md = markdown(meta, results, labels, runs)
     (out / "results.md").write_text(md)
     plot(out / "plot.png", meta, results, labels)
     return md

@@ -19,8 +19,15 @@ Protocol, one connection per test: the client sends a 9-byte header (mode ``S`` 
 ``P`` ping-pong, ``Q`` quit; size as u64). Stream: the client sends ``size``-byte messages
 for the test's duration, then shuts down its write side; the server reads to EOF.
 Ping-pong: the client sends ``size`` bytes, the server echoes them, until the client shuts
-down. Either way the server then answers one JSON line (its ``stats()`` for usdp) and
-closes, and the client prints one JSON line per test on stdout.
+down. Either way the server then answers one JSON line (its ``stats()`` for usdp, and the
+CPU time it spent on the test) and closes, and the client prints one JSON line per test on
+stdout.
+
+CPU time: each side takes ``getrusage(RUSAGE_SELF)`` (user and sys of every thread of the
+process, so usdp's completion thread and rsockets' threads count too) before and after
+its timed part, and reports the difference (``client_cpu``/``server_cpu``, seconds). The
+server's part runs from the test's header to the stream's last message (stream) or the
+client's EOF (ping-pong, warm-up included: two messages).
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import argparse
 import errno
 import json
 import os
+import resource
 import socket
 import statistics
 import struct
@@ -95,6 +103,23 @@ def _settimeout(sock: Any, args: argparse.Namespace, seconds: float) -> None:
     every test anyway."""
     if args.kind != "rspreload":
         sock.settimeout(seconds)
+
+
+def _cpu() -> tuple[float, float]:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime, r.ru_stime
+
+
+def _cpu_since(t0: tuple[float, float]) -> dict[str, float]:
+    """User and sys CPU seconds of this process (all threads) since ``t0 = _cpu()``."""
+    u, s = _cpu()
+    return {"user": u - t0[0], "sys": s - t0[1]}
+
+
+def _reply(sock: Any, cpu0: tuple[float, float]) -> None:
+    """The server's answer after a test: its stats and the CPU time the test took."""
+    cpu = _cpu_since(cpu0)
+    sock.sendall(json.dumps({"stats": _stats(sock), "cpu": cpu}).encode() + b"\n")
 
 
 def _stats(sock: Any) -> dict[str, int]:
@@ -192,17 +217,18 @@ def serve(args: argparse.Namespace) -> int:
                 mode, size = HEADER.unpack(hdr)
                 if mode == b"Q":
                     return 0
+                cpu0 = _cpu()
                 if mode == b"S":
                     complete = _recv_stream(conn, view, size)
                     if complete:
-                        conn.sendall(json.dumps({"stats": _stats(conn)}).encode() + b"\n")
+                        _reply(conn, cpu0)
                     while conn.recv_into(view):  # to the client's EOF (untimed)
                         pass
                     continue
                 msg = view[:size]
                 while _recv_exact(conn, msg):
                     conn.sendall(msg)
-                conn.sendall(json.dumps({"stats": _stats(conn)}).encode() + b"\n")
+                _reply(conn, cpu0)
             if profiler is not None and profiler.is_running:
                 _stop_profiler(profiler, args)
     finally:
@@ -237,12 +263,14 @@ def run_test(args: argparse.Namespace, mode: str, size: int) -> dict[str, Any]:
     last = LAST + payload[1:]
     back = bytearray(size)
     bview = memoryview(back)
+    teardown = ""
     sock = _connect(args)
     with sock:
         sock.sendall(HEADER.pack(mode.encode()[:1], size))
         rtts: list[float] = []
         n = 0
         if mode == "S":
+            cpu0 = _cpu()
             t0 = time.perf_counter()
             end = t0 + args.seconds
             while n < args.max_msgs and (n < args.min_msgs or time.perf_counter() < end):
@@ -252,13 +280,19 @@ def run_test(args: argparse.Namespace, mode: str, size: int) -> dict[str, Any]:
             n += 1
             reply = _read_line(sock)  # the server has every byte
             elapsed = time.perf_counter() - t0
-            sock.shutdown(socket.SHUT_WR)
-            _read_all(sock)
+            cpu = _cpu_since(cpu0)
+            try:  # untimed: the server already confirmed every byte
+                sock.shutdown(socket.SHUT_WR)
+                _read_all(sock)
+            except ConnectionError as e:
+                # Kept as a warning, not a failed measurement (the report lists it).
+                teardown = f"{type(e).__name__}: {e}"
         else:
             for _ in range(args.warmup):
                 sock.sendall(payload)
                 if not _recv_exact(sock, bview):
                     raise ConnectionError("EOF from the echo server")
+            cpu0 = _cpu()
             t0 = time.perf_counter()
             end = t0 + args.seconds
             while n < args.max_msgs and (n < args.min_msgs or time.perf_counter() < end):
@@ -269,13 +303,18 @@ def run_test(args: argparse.Namespace, mode: str, size: int) -> dict[str, Any]:
                 rtts.append(time.perf_counter() - t)
                 n += 1
             elapsed = time.perf_counter() - t0
+            cpu = _cpu_since(cpu0)
             sock.shutdown(socket.SHUT_WR)
             reply = _read_all(sock)
         cstats = _stats(sock)
     server = json.loads(reply.decode().strip() or "{}")
     res: dict[str, Any] = {"mode": "stream" if mode == "S" else "pingpong", "size": size,
                            "n": n, "seconds": elapsed, "client_stats": cstats,
-                           "server_stats": server.get("stats", {})}
+                           "server_stats": server.get("stats", {}), "client_cpu": cpu}
+    if "cpu" in server:
+        res["server_cpu"] = server["cpu"]
+    if teardown:
+        res["teardown_error"] = teardown
     if mode == "S":
         res["bytes_per_s"] = n * size / elapsed
     else:
@@ -286,13 +325,24 @@ def run_test(args: argparse.Namespace, mode: str, size: int) -> dict[str, Any]:
     return res
 
 
+def _batches(args: argparse.Namespace) -> Any:
+    """The tests to run: ``--tests``, then with ``--stdin`` one batch per input line (the
+    runner's rounds), so that one process serves every round without a restart."""
+    if args.tests:
+        yield args.tests
+    if args.stdin:
+        for line in sys.stdin:
+            yield line.split()
+
+
 def client(args: argparse.Namespace) -> int:
     profiler = _start_profiler(args)
     try:
-        for spec in args.tests:
-            mode, size = spec.split(":")
-            res = run_test(args, mode, int(size))
-            print(json.dumps(res), flush=True)
+        for batch in _batches(args):
+            for spec in batch:
+                mode, size = spec.split(":")
+                res = run_test(args, mode, int(size))
+                print(json.dumps(res), flush=True)
     finally:
         _stop_profiler(profiler, args)
     if args.quit:
@@ -332,6 +382,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--zcopy", type=int, default=0, help="usdp zcopy_threshold (0 = off)")
     ap.add_argument("--no-defer", action="store_true", help="usdp Options(defer=False)")
     ap.add_argument("--tests", nargs="*", default=[], help="MODE:SIZE, MODE S or P")
+    ap.add_argument("--stdin", action="store_true",
+                    help="client: then read more tests from stdin, one batch per line, "
+                         "until EOF")
     ap.add_argument("--seconds", type=float, default=1.5, help="time per test")
     ap.add_argument("--min-msgs", type=int, default=5)
     ap.add_argument("--max-msgs", type=int, default=1_000_000)
