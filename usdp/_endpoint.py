@@ -75,7 +75,7 @@ class Endpoint:
         self.engine = Engine(
             res, defer=defer, solicited_only=params.solicited, busy_poll=busy_poll,
             on_send_wc=self._on_send_wc, on_recv_wc=self._on_recv_wc, after=self._after,
-            send_events_needed=self.sp.needs_completion,
+            send_events_needed=lambda: self.sp.needs_completion() or self._eof_pending,
             sends_outstanding=lambda: self.sp.outstanding() or self.zc.reading,
             eager=lambda: self.readiness is not None, name=f"qp{res.qp_num}")
         self.lock = self.engine.lock
@@ -92,6 +92,7 @@ class Endpoint:
         self._cm_events = 0
         self._corked_sends = 0
         self._sent_since_recv = True  # a user send since the last recv wait
+        self._eof_pending = False  # shutdown(SHUT_WR) waits for the cork to go first
         self._rsize = res.recv_ring.size
         self._rview = res.recv_ring.view
 
@@ -138,6 +139,8 @@ class Endpoint:
 
     def _after(self) -> None:
         """After completions were processed (owner): disconnect, cork, control, readiness."""
+        if self._eof_pending:
+            self._advance_eof()
         if self._cm_gone_pending:
             # Every frame the peer sent came before its disconnect: take them all (its
             # DISCONN among them) before judging EOF or reset. A drain of one CQ only, or
@@ -453,27 +456,37 @@ class Endpoint:
 
     # ------------------------------------------------------------------ closing
 
-    def shutdown_write(self, timeout: float | None) -> None:
-        """Queue DISCONN (our EOF to the peer) after any corked bytes; wait until posted."""
-        with self.lock:
-            self._shutdown_write_owned(timeout)
+    def shutdown_write(self) -> None:
+        """``shutdown(SHUT_WR)``: our EOF goes to the peer after every byte already taken.
 
-    def _shutdown_write_owned(self, timeout: float | None) -> None:
+        Never waits, as TCP's does not: corked bytes and DISCONN go out as credits allow,
+        posted by whoever drains next (this thread's later calls, or the completion
+        thread, which the leave hook arms for it).
+        """
+        with self.lock:
+            self._shutdown_write_owned()
+
+    def _shutdown_write_owned(self) -> None:
         if self.conn.error is not None or self.peer_gone:
             return
-        deadline = None if timeout is None else time.monotonic() + timeout
-        if self.sp.cork is not None:  # corked bytes go before our EOF
-            self._wait_quiet(lambda: self.sp.flush_cork(force=True) or self._broken(),
-                             timeout)
-            if self.sp.cork is not None:
-                return
+        self._eof_pending = True
+        self._advance_eof()
+
+    def _advance_eof(self) -> None:
+        """Post the cork, then queue DISCONN behind it, as far as credits allow (owner)."""
+        if self.sp.cork is not None and not self.sp.flush_cork(force=True):
+            return  # corked bytes go before our EOF: wait for a credit
+        self._eof_pending = False
         try:
             self.conn.shutdown_write()
         except UsdpError:
             return
         self.sp.send_control()
-        self._wait_quiet(lambda: not self.conn.disconn_pending or self._broken(),
-                         None if deadline is None else max(0.0, deadline - time.monotonic()))
+
+    def _eof_done(self) -> bool:
+        """Our EOF is posted and every send has completed (or the connection broke)."""
+        return (not self._eof_pending and not self.conn.disconn_pending
+                and not self.sp.inflight) or self._broken()
 
     def _wait_quiet(self, predicate: Any, timeout: float | None) -> bool:
         """Wait for ``predicate``; False on timeout instead of raising (close paths)."""
@@ -499,10 +512,11 @@ class Endpoint:
             if self.closed:
                 return
             if self.conn.error is None and not self.peer_gone:
-                self._shutdown_write_owned(linger)
-                # Every posted send must complete before the QP goes, or queued bytes die
-                # (the last frame, DISCONN, is always signaled, so inflight empties).
-                self._wait_quiet(lambda: not self.sp.inflight or self._broken(), linger)
+                self._shutdown_write_owned()
+                # Every byte taken, then DISCONN, must be posted and complete before the QP
+                # goes, or queued bytes die (DISCONN and everything after it is signaled,
+                # so inflight empties). Bounded by linger.
+                self._wait_quiet(self._eof_done, linger)
             self.closing = True
         progress().call(self._destroy)
 

@@ -400,7 +400,7 @@ class SdpSocket:
             self._rd_shut = True
         if how in (SHUT_WR, SHUT_RDWR) and not self._wr_shut:
             self._wr_shut = True
-            ep.shutdown_write(self._opts.linger)
+            ep.shutdown_write()
 
     def close(self) -> None:
         with self._close_lock:

@@ -218,3 +218,64 @@ def test_no_deferral_keeps_the_first_engine(host_a: str, port: int) -> None:
     assert bytes(got) == data
     assert st["busy_polls"] == 0 and st["sleeps"] == 0 and st["drains_deferred"] == 0, st
     assert st["channel_events"] > 0, st
+
+
+def test_graceful_close_is_eof_never_a_reset(host_a: str, port: int) -> None:
+    """The peer's DISCONN precedes its CM disconnect; whichever the engine sees first, the
+    reader gets every byte and then EOF (a drain of one CQ once judged the disconnect
+    before the DISCONN it had not polled yet, and reported a reset)."""
+    rounds = 40
+    payload = os.urandom(3000)
+
+    def reply_then_close(conn: usdp.SdpSocket) -> None:
+        got = bytearray()
+        while chunk := conn.recv(65536):
+            got.extend(chunk)
+        conn.sendall(hashlib.sha256(got).digest())
+
+    with server(host_a, port, reply_then_close, count=rounds) as errors:
+        for _ in range(rounds):
+            with client(host_a, port) as s:
+                for i in range(0, len(payload), 100):
+                    s.sendall(payload[i : i + 100])
+                s.shutdown(stdsocket.SHUT_WR)
+                assert recv_exactly(s, 32) == hashlib.sha256(payload).digest()
+                assert s.recv(10) == b""  # EOF, not ConnectionResetError
+    assert not errors, errors
+
+
+def test_shutdown_with_corked_bytes_sends_them_then_eof(host_a: str, port: int) -> None:
+    """Issue 11 item 3: with the peer's window full and bytes corked (staged),
+    shutdown(SHUT_WR) returns at once, and once the peer reads it gets every byte and
+    then EOF; the reply it sends afterwards arrives (a half-close protocol works)."""
+    go = threading.Event()
+    data = os.urandom(80 * 20_000)
+
+    def read_all_then_reply(conn: usdp.SdpSocket) -> None:
+        assert go.wait(TIMEOUT)
+        got = bytearray()
+        while chunk := conn.recv(1 << 20):
+            got.extend(chunk)
+        conn.sendall(hashlib.sha256(got).digest())
+
+    with server(host_a, port, read_all_then_reply) as errors, client(host_a, port) as s:
+        s.setblocking(False)
+        taken = 0
+        while taken < len(data):
+            try:
+                taken += s.send(data[taken : taken + 80])
+            except BlockingIOError:
+                break  # the window is full and the cork too
+        assert taken < len(data), "the peer's window never filled"
+        st = s.stats()
+        t0 = time.monotonic()
+        s.shutdown(stdsocket.SHUT_WR)
+        returned_in = time.monotonic() - t0
+        with pytest.raises(BrokenPipeError):
+            s.send(b"x")
+        go.set()
+        s.settimeout(TIMEOUT)
+        assert recv_exactly(s, 32) == hashlib.sha256(data[:taken]).digest()
+    assert not errors, errors
+    print(f"\nshutdown returned in {returned_in * 1000:.1f} ms with {taken} bytes taken; "
+          f"{st['staged_frames']} corked frames before it")
