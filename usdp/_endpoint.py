@@ -75,7 +75,7 @@ class Endpoint:
         self.engine = Engine(
             res, defer=defer, solicited_only=params.solicited, busy_poll=busy_poll,
             on_send_wc=self._on_send_wc, on_recv_wc=self._on_recv_wc, after=self._after,
-            send_events_needed=lambda: self.sp.needs_completion() or self._eof_pending,
+            send_events_needed=self._send_events_needed,
             sends_outstanding=lambda: self.sp.outstanding() or self.zc.reading,
             eager=lambda: self.readiness is not None, name=f"qp{res.qp_num}")
         self.lock = self.engine.lock
@@ -123,6 +123,12 @@ class Endpoint:
             self.lock.bh_handle(BOTH, timeout=5.0, wake_sleepers=True)
         else:
             log.debug("qp%d: CM event %s ignored", self.res.qp_num, ev.name)
+
+    def _send_events_needed(self) -> bool:
+        """A send completion must wake someone even if nobody is inside: a cork or our
+        EOF waits for it, or a readiness-fd user may wait for writability."""
+        return self.sp.needs_completion() or self._eof_pending \
+            or (self.readiness is not None and bool(self.sp.inflight))
 
     def _handle_peer_gone(self) -> None:
         """The peer disconnected (owner only, after both CQs were drained)."""
@@ -255,6 +261,12 @@ class Endpoint:
         if verdict is Verdict.OK or not self.lock.lock(timeout=0):
             return
         try:
+            # Completions may sit unpolled in an un-armed CQ (the owner polls, and nobody
+            # was inside): look before judging the peer.
+            self.engine.poll_all()
+            verdict = self.liveness.check(now)
+            if verdict is Verdict.OK or self.conn.error is not None:
+                return
             if verdict is Verdict.DEAD:
                 self._fail(ConnectionReset(
                     errno.ECONNRESET, f"connection reset: no acknowledgement from the peer "
