@@ -51,6 +51,11 @@ class Options:
         linger: seconds ``close`` waits for queued data to reach the peer.
         handshake_timeout: bound on each step of connection setup when no socket timeout
             is set.
+        mr_budget: bytes of connection rings the whole process may hold registered before
+            new connections are refused (a listener answers ``Reject(NO_RESOURCES)``,
+            ``connect`` raises ENOBUFS); 0 (the default) means ``USDP_MR_BUDGET`` or 1 GiB,
+            less under a finite RLIMIT_MEMLOCK (see ``usdp._budget``). A peer's Hello cannot
+            make us pin more than our own rings: send slots follow the negotiated frame size.
     """
 
     zcopy_threshold: int = 0
@@ -63,6 +68,7 @@ class Options:
     signal_every: int = 8
     linger: float = 10.0
     handshake_timeout: float = 30.0
+    mr_budget: int = 0
 
     @classmethod
     def from_env(cls) -> Options:

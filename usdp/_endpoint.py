@@ -722,3 +722,24 @@ class Endpoint:
         self.channel.close()
         if self.readiness is not None:
             self.readiness.close()
+
+    # ------------------------------------------------------------------ MSG_PEEK
+
+    def peek_into(self, out: memoryview) -> int:
+        """Copy queued bytes into ``out`` without consuming them (owner only; MSG_PEEK).
+
+        Only bytes in our receive slots can be peeked. When the next bytes are behind a
+        zero-copy SrcAvail (in the peer's memory, read by the RDMA read that consumes them)
+        this raises EOPNOTSUPP rather than return 0, which would read as EOF; bytes before
+        a SrcAvail are peeked as usual.
+        """
+        if self.conn.head_is_remote:
+            raise UsdpError(errno.EOPNOTSUPP, "MSG_PEEK cannot look at zero-copy data "
+                            "(the next bytes are still in the peer's memory)")
+        pos = 0
+        rview, rsize = self._rview, self._rsize
+        for c in self.conn.peek(len(out)):
+            src = c.slot * rsize + c.offset
+            out[pos : pos + c.length] = rview[src : src + c.length]
+            pos += c.length
+        return pos

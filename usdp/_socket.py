@@ -13,11 +13,13 @@ import contextlib
 import errno
 import io
 import socket as _stdsocket
+import sys
 import threading
+import time
 from dataclasses import replace
 from typing import Any
 
-from usdp import _cm, _setup
+from usdp import _cm, _fork, _setup
 from usdp._config import KEEPALIVE_DEFAULT, Options
 from usdp._endpoint import Endpoint
 from usdp._errors import (
@@ -35,6 +37,21 @@ SHUT_RD, SHUT_WR, SHUT_RDWR = _stdsocket.SHUT_RD, _stdsocket.SHUT_WR, _stdsocket
 #: Linux's TCP_USER_TIMEOUT (ms): here, how long a send may go unacknowledged by the peer.
 _TCP_USER_TIMEOUT: int = getattr(_stdsocket, "TCP_USER_TIMEOUT", 18)
 _Address = tuple[Any, ...]  # (host, port) or, for AF_INET6, (host, port, flow, scope)
+_MSG_PEEK: int = _stdsocket.MSG_PEEK
+_MSG_WAITALL: int = _stdsocket.MSG_WAITALL
+_MSG_DONTWAIT: int = _stdsocket.MSG_DONTWAIT
+_RECV_FLAGS = _MSG_PEEK | _MSG_WAITALL | _MSG_DONTWAIT
+# MSG_NOSIGNAL: usdp never raises SIGPIPE anyway; MSG_MORE: a hint TCP may ignore too.
+_SEND_FLAGS = _MSG_DONTWAIT | _stdsocket.MSG_NOSIGNAL | getattr(_stdsocket, "MSG_MORE", 0)
+
+
+def _writable_view(buffer: Any) -> memoryview:
+    """A writable byte view of ``buffer``; TypeError (as socket.recv_into) if read-only."""
+    mv = memoryview(buffer)
+    if mv.readonly:
+        raise TypeError("recv_into() argument 'buffer' must be read-write bytes-like object, "
+                        f"not {type(buffer).__name__}")
+    return mv.cast("B")
 
 
 class SdpSocket:
@@ -64,6 +81,7 @@ class SdpSocket:
         self._io_refs = 0
         self._sockopts: dict[tuple[int, int], int] = {}
         self._close_lock = threading.Lock()
+        self._fork_gen = _fork.generation  # see _check_open and usdp._fork
 
     # ------------------------------------------------------------------ misc
 
@@ -92,6 +110,8 @@ class SdpSocket:
     def _check_open(self) -> None:
         if self._closed:
             raise error_from_errno(errno.EBADF, "Bad file descriptor (socket is closed)")
+        if self._fork_gen != _fork.generation:
+            raise _fork.inherited_error()
 
     def _connected(self) -> Endpoint:
         self._check_open()
@@ -197,24 +217,26 @@ class SdpSocket:
 
     def send(self, data: Any, flags: int = 0) -> int:
         """Send some of ``data``; returns how many bytes were taken (at least 1)."""
+        timeout = self._send_timeout(flags)
         ep, mv = self._send_target(data)
         if not mv:
             return 0
         with ep.lock:
             while True:  # a blocking send returns at least one byte
-                ep.wait_writable(self._timeout, "send", len(mv))
-                n = ep.send_some(mv, self._timeout)
-                if n or self._timeout == 0.0:
+                ep.wait_writable(timeout, "send", len(mv))
+                n = ep.send_some(mv, timeout)
+                if n or timeout == 0.0:
                     return n
 
     def sendall(self, data: Any, flags: int = 0) -> None:
         """Send all of ``data``; relocks between batches so completions get drained."""
+        timeout = self._send_timeout(flags)
         ep, mv = self._send_target(data)
         sent = 0
         with ep.lock:
             while sent < len(mv):
-                ep.wait_writable(self._timeout, "sendall", len(mv) - sent)
-                sent += ep.send_some(mv[sent:], self._timeout)
+                ep.wait_writable(timeout, "sendall", len(mv) - sent)
+                sent += ep.send_some(mv[sent:], timeout)
                 if sent < len(mv):
                     ep.lock.relock()  # SDP_CONN_RELOCK: drain deferred completions
 
@@ -233,20 +255,85 @@ class SdpSocket:
         return bytes(buf)
 
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        """As ``socket.recv_into``, with MSG_PEEK, MSG_WAITALL and MSG_DONTWAIT."""
         ep = self._connected()
-        mv = memoryview(buffer).cast("B")
+        mv = _writable_view(buffer)  # before anything is consumed, as the stdlib checks
+        if nbytes < 0:
+            raise ValueError("negative buffersize in recv_into")
+        if nbytes > len(mv):
+            raise ValueError("buffer too small for requested bytes")
         if nbytes:
             mv = mv[:nbytes]
+        timeout = self._recv_timeout(flags)
         if not mv or self._rd_shut:
             return 0
+        if flags & _MSG_PEEK:
+            return self._recv_peek(ep, mv, timeout, bool(flags & _MSG_WAITALL))
+        if flags & _MSG_WAITALL and timeout != 0.0:
+            return self._recv_all(ep, mv, timeout)
+        return self._recv_some(ep, mv, timeout)
+
+    def _recv_some(self, ep: Endpoint, mv: memoryview, timeout: float | None) -> int:
         with ep.lock:
-            ep.wait(ep.recv_ready, self._timeout, "recv")
+            ep.wait(ep.recv_ready, timeout, "recv")
             if ep.conn.readable:
-                return ep.recv_into(mv, self._timeout)
+                return ep.recv_into(mv, timeout)
             err = ep.conn.error
             if err is not None and not ep.conn.eof:
                 raise err
             return 0  # EOF (or peer gone after an orderly close)
+
+    def _recv_all(self, ep: Endpoint, mv: memoryview, timeout: float | None) -> int:
+        """MSG_WAITALL: loop until ``mv`` is full, EOF, or an error or timeout; as Linux,
+        bytes already copied are returned and the error is left for the next call."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        got = 0
+        while got < len(mv):
+            # Never 0 once the deadline passed: 0 would mean non-blocking (EAGAIN).
+            left = None if deadline is None else max(1e-6, deadline - time.monotonic())
+            try:
+                n = self._recv_some(ep, mv[got:], left)
+            except OSError:
+                if got:
+                    return got
+                raise
+            if n == 0:
+                break
+            got += n
+        return got
+
+    def _recv_peek(self, ep: Endpoint, mv: memoryview, timeout: float | None,
+                   waitall: bool) -> int:
+        """MSG_PEEK: copy queued bytes without consuming them (with MSG_WAITALL, wait until
+        ``len(mv)`` bytes are queued, or EOF/error)."""
+        want = len(mv)
+
+        def ready() -> bool:
+            if waitall:
+                return ep.conn.readable >= want or ep.conn.eof or ep.conn.error is not None \
+                    or ep.peer_gone
+            return ep.recv_ready()
+
+        with ep.lock:
+            ep.wait(ready, timeout, "recv")
+            if ep.conn.readable:
+                return ep.peek_into(mv)
+            err = ep.conn.error
+            if err is not None and not ep.conn.eof:
+                raise err
+            return 0
+
+    def _recv_timeout(self, flags: int) -> float | None:
+        if flags & ~_RECV_FLAGS:
+            raise UsdpError(errno.EOPNOTSUPP, f"recv flags {flags & ~_RECV_FLAGS:#x} not "
+                            "supported by usdp (MSG_PEEK, MSG_WAITALL, MSG_DONTWAIT are)")
+        return 0.0 if flags & _MSG_DONTWAIT else self._timeout
+
+    def _send_timeout(self, flags: int) -> float | None:
+        if flags & ~_SEND_FLAGS:
+            raise UsdpError(errno.EOPNOTSUPP, f"send flags {flags & ~_SEND_FLAGS:#x} not "
+                            "supported by usdp (MSG_DONTWAIT, MSG_NOSIGNAL, MSG_MORE are)")
+        return 0.0 if flags & _MSG_DONTWAIT else self._timeout
 
     def makefile(self, mode: str = "r", buffering: int | None = None, *,
                  encoding: str | None = None, errors: str | None = None,
@@ -299,6 +386,12 @@ class SdpSocket:
                 ep.shutdown_write(self._opts.linger)
 
     def close(self) -> None:
+        if self._fork_gen != _fork.generation:
+            # Inherited across fork: the RDMA resources are the parent's (usdp._fork
+            # pinned them); closing here only forgets them, as close() of a dup'ed fd.
+            self._closed = True
+            self._ep = self._listener = None
+            return
         with self._close_lock:
             if self._closed and self._ep is None and self._listener is None:
                 return
@@ -354,6 +447,8 @@ class SdpSocket:
 
     def getsockopt(self, level: int, optname: int, buflen: int | None = None) -> int:
         self._check_open()
+        if level == _stdsocket.SOL_SOCKET and optname == _stdsocket.SO_TYPE:
+            _refuse_ssl_wrap()
         if level == _stdsocket.SOL_SOCKET:
             if optname == _stdsocket.SO_RCVBUF:
                 return self._opts.recv_bufs * self._opts.recv_buf_size
@@ -398,6 +493,21 @@ class SdpSocket:
             "bytes_in": cs.bytes_in,
             "bytes_out": cs.bytes_out,
         }
+
+
+def _refuse_ssl_wrap() -> None:
+    """Refuse ``ssl`` wrapping before it touches any fd.
+
+    ``SSLSocket._create`` asks ``getsockopt(SO_TYPE)`` first, then wraps ``fileno()`` in a
+    kernel socket object and calls ``detach()``; that fails (usdp has no kernel socket to
+    give), and the half-built SSLSocket would then close usdp's readiness fd, whose number
+    a later file could reuse. So the first call fails instead, while nothing is touched.
+    """
+    caller = sys._getframe(2)
+    if caller.f_globals.get("__name__") == "ssl":
+        raise UsdpError(errno.EOPNOTSUPP, "ssl cannot wrap a usdp socket (TLS needs a kernel "
+                        "socket; usdp has none): for TLS over RDMA use usdp.asyncio with "
+                        "ssl=, or TLS over TCP")
 
 
 class _SocketIO(io.RawIOBase):
