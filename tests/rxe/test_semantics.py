@@ -44,17 +44,36 @@ def listening(host: str, port: int, backlog: int = 128,
         lst.close()
 
 
+class Acceptor(threading.Thread):
+    """accept() in a thread, so that a test of another item does not depend on item 1."""
+
+    def __init__(self, lst: usdp.SdpSocket) -> None:
+        super().__init__()
+        self.lst = lst
+        self.conn: usdp.SdpSocket | None = None
+        lst.settimeout(TIMEOUT)
+        self.start()
+
+    def run(self) -> None:
+        self.conn, _ = self.lst.accept()
+
+    def result(self) -> usdp.SdpSocket:
+        self.join(TIMEOUT)
+        assert self.conn is not None
+        return self.conn
+
+
 def connected_pair(host: str, port: int,
                    options: usdp.Options | None = None) -> tuple[usdp.SdpSocket, usdp.SdpSocket,
                                                                  usdp.SdpSocket]:
     lst = usdp.SdpSocket(options=options)
     lst.bind((host, port))
     lst.listen()
+    acceptor = Acceptor(lst)
     c = usdp.SdpSocket(options=options)
     c.settimeout(CONNECT)
     c.connect((host, port))
-    lst.settimeout(TIMEOUT)
-    a, _ = lst.accept()
+    a = acceptor.result()
     a.settimeout(TIMEOUT)
     return lst, c, a
 
@@ -152,12 +171,11 @@ def test_a_hello_cannot_make_the_server_pin_memory(host_a: str, port: int) -> No
     own = opts.recv_bufs * opts.recv_buf_size + opts.send_bufs * opts.recv_buf_size
     with listening(host_a, port, options=opts) as lst:
         before = _mr_bytes()
+        acceptor = Acceptor(lst)
         raw = RawPeer(host_a, port, hello=_big_hello())
         try:
             assert raw.rejected is None
-            lst.settimeout(TIMEOUT)
-            a, _ = lst.accept()
-            with a:
+            with acceptor.result() as a:
                 grown = _mr_bytes() - before - (RECV_BUFS * SLOT + SEND_AREA)
                 assert 0 < grown <= own, (grown, own)
                 a.settimeout(TIMEOUT)
@@ -384,9 +402,7 @@ def test_listener_survives_spurious_wakeups(host_a: str, port: int) -> None:
         lst.settimeout(0.2)
         with pytest.raises(TimeoutError):
             lst.accept()  # a timeout is a timeout, not EAGAIN
-        with client(host_a, port) as c:
-            lst.settimeout(TIMEOUT)
-            a, _ = lst.accept()
-            with a:
-                c.sendall(b"alive")
-                assert recv_exactly(a, 5) == b"alive"
+        acceptor = Acceptor(lst)
+        with client(host_a, port) as c, acceptor.result() as a:
+            c.sendall(b"alive")
+            assert recv_exactly(a, 5) == b"alive"
