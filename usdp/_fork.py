@@ -30,6 +30,7 @@ import threading
 import weakref
 from typing import Any
 
+from usdp import _budget, _progress, _verbs
 from usdp._errors import UsdpError
 
 log = logging.getLogger("usdp")
@@ -57,8 +58,6 @@ def track(obj: Any) -> None:
 def _after_fork_in_child() -> None:
     global generation
     generation += 1
-    from usdp import _budget, _progress, _verbs
-
     keep: list[Any] = list(_live)
     keep.append(_progress._instance)  # its handlers reference every connection
     keep.extend(_verbs.Device._registry.values())

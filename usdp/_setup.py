@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import os
+import select
 import threading
 import time
 from collections import deque
@@ -26,7 +28,6 @@ from usdp._budget import BUDGET, default_budget
 from usdp._config import Options
 from usdp._endpoint import Endpoint, Readiness
 from usdp._errors import HandshakeError, Timeout, UsdpError, WouldBlock
-from usdp._progress import progress
 from usdp._verbs import Device, QPResources
 from usdp._wire import (
     HEADER_SIZE,
@@ -145,10 +146,12 @@ def connect(dst: _cm.SockAddr, src: str | None, opts: Options,
 class Listener:
     """A bound, listening CM id that completes handshakes in the background.
 
-    As a TCP listener: the completion thread answers each Hello as it arrives (on the
-    listener's CM channel, registered with ``_progress``), up to ``backlog`` established
-    connections waiting for ``accept``; a client therefore connects before the server
-    calls ``accept()``. Beyond the backlog a Hello gets ``Reject(BACKLOG)`` (the client
+    As a TCP listener: a thread of the listener's own answers each Hello as it arrives,
+    up to ``backlog`` established connections waiting for ``accept``; a client therefore
+    connects before the server calls ``accept()``. Not the completion thread: a burst of
+    handshakes (rings to map and register, QP transitions) would hold up every
+    connection's completions, and the ack watchdog would then take that delay for a dead
+    peer. Beyond the backlog a Hello gets ``Reject(BACKLOG)`` (the client
     sees ECONNREFUSED). ``fileno()`` is readable exactly while an established connection
     waits. ``close`` aborts the connections nobody accepted (their clients see a reset).
     """
@@ -173,8 +176,11 @@ class Listener:
             self.chan.close()
             raise
         self.readiness.set(False, False)  # a listener is never writable, as TCP's
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         _fork.track(self)
-        progress().register(self.chan.fd, self._on_cm_ready)
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name=f"usdp-listen-{self.addr[1]}")
+        self._thread.start()
 
     def fileno(self) -> int:
         return self.readiness.fileno()
@@ -182,10 +188,33 @@ class Listener:
     def _where(self) -> str:
         return f"{self.addr[0]}:{self.addr[1]}"
 
-    # ------------------------------------------------------------------ completion thread
+    # ------------------------------------------------------------------ listener thread
+
+    def _run(self) -> None:
+        poller = select.poll()
+        poller.register(self.chan.fd, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        while True:
+            for fd, _mask in poller.poll():
+                cmds = b""
+                if fd != self.chan.fd:
+                    with contextlib.suppress(BlockingIOError):
+                        cmds = os.read(self._wake_r, 64)
+                    if b"s" in cmds:
+                        return
+                if fd == self.chan.fd or b"p" in cmds:  # poke(): as if it were ready
+                    try:
+                        self._on_cm_ready()
+                    except Exception:  # the listener itself must never stop
+                        log.exception("listener %s: CM event handling failed", self._where())
+
+    def poke(self) -> None:
+        """Run the event handler once on the listener thread, whether or not an event is
+        pending: a spurious wake-up on demand (tests)."""
+        os.write(self._wake_w, b"p")
 
     def _on_cm_ready(self) -> None:
-        """The CM channel is readable (completion thread): take every pending event.
+        """The CM channel is readable (listener thread): take every pending event.
 
         A wake-up with nothing behind it (the fd raced another reader, or the kernel
         reported readiness early) is counted and ignored: it must never end the listener.
@@ -250,11 +279,14 @@ class Listener:
             try:
                 res = _resources(child, self.opts, params.max_payload + HEADER_SIZE,
                                  f"accepting {who} on {self._where()}")
-            except UsdpError as exc:
+            except OSError as exc:  # the budget, or mmap/ibv_reg_mr (ENOMEM, MEMLOCK)
                 log.warning("refusing %s: %s", who, exc)
                 _reject(child, RejectReason.NO_RESOURCES, "no resources")
                 child = None
-                raise
+                if isinstance(exc, UsdpError):
+                    raise
+                raise UsdpError(exc.errno or errno.ENOMEM,
+                                f"accepting {who} on {self._where()}: {exc}") from exc
             _cm.migrate(child, chan)
             res.modify(child, e.IBV_QPS_INIT)
             _post_all(res)
@@ -315,8 +347,9 @@ class Listener:
                 return
             self._closed = True
             self._cond.notify_all()
-        p = progress()
-        p.call(lambda: p.unregister(self.chan.fd))  # no handler runs after this
+        os.write(self._wake_w, b"s")
+        if threading.current_thread() is not self._thread:
+            self._thread.join()  # no handler runs after this
         with self._cond:
             queued = list(self._queue)
             self._queue.clear()
@@ -325,6 +358,8 @@ class Listener:
         _close_quietly(self.cmid)
         self.chan.close()
         self.readiness.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
 
 
 def _reject(child: Any, reason: RejectReason, text: str) -> None:

@@ -15,6 +15,7 @@ import ssl
 import stat
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -25,7 +26,6 @@ from tests.rxe.rawpeer import RECV_BUFS, SEND_AREA, SLOT, RawPeer
 from tests.rxe.test_resources import _settled_snapshot, _warm_up
 from tests.rxe.test_socket import TIMEOUT, client, recv_exactly
 from usdp import _setup
-from usdp._progress import progress
 from usdp._wire import Features, HandshakeKind, Hello, RejectReason, decode_reject
 
 CONNECT = 20.0  # a connect must complete without anyone calling accept() meanwhile
@@ -214,6 +214,35 @@ def test_the_registered_memory_budget_refuses_and_releases(host_a: str, port: in
             first.close()
 
 
+def _vmsize() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmSize")
+
+
+def test_a_failed_ring_allocation_is_refused_with_no_resources(host_a: str, port: int) -> None:
+    """Registration failing for lack of memory (here the ring's mmap, under an address
+    space limit; as root RLIMIT_MEMLOCK does not bind) answers Reject(NO_RESOURCES), not a
+    silently closed CM id, and leaks nothing."""
+    _warm_up(host_a, port + 1)
+    base = _settled_snapshot()
+    big = usdp.Options(recv_bufs=4096, recv_buf_size=64 * 1024, mr_budget=1 << 40)
+    with listening(host_a, port, options=big):
+        c = usdp.SdpSocket(options=SMALL)
+        c.settimeout(CONNECT)
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        resource.setrlimit(resource.RLIMIT_AS, (_vmsize() + (64 << 20), hard))
+        try:
+            with pytest.raises(ConnectionRefusedError, match="NO_RESOURCES"):
+                c.connect((host_a, port))  # the server's 256 MiB ring cannot be mapped
+        finally:
+            resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+            c.close()
+    assert _settled_snapshot() == base
+
+
 # ---------------------------------------------------------------- item 7: read-only buffer
 
 
@@ -397,8 +426,12 @@ def test_listener_survives_spurious_wakeups(host_a: str, port: int) -> None:
         listener = lst._listener
         assert listener is not None
         for _ in range(3):  # the handler runs as if the CM channel were ready: it is not
-            progress().call(listener._on_cm_ready)
-        assert listener.spurious_wakeups >= 3
+            listener.poke()
+        deadline = time.monotonic() + TIMEOUT
+        while listener.spurious_wakeups < 3:  # the pokes may coalesce into fewer runs
+            listener.poke()
+            assert time.monotonic() < deadline
+            threading.Event().wait(0.05)
         lst.settimeout(0.2)
         with pytest.raises(TimeoutError):
             lst.accept()  # a timeout is a timeout, not EAGAIN
