@@ -3,7 +3,8 @@
 pyverbs 44's CM calls block with the GIL held and ``CMEvent`` hides which id an event is
 for, its status, and the ids' addresses. So:
 
-* every wait is a ``select`` on the event channel's fd (found by ``_fdfind``), after which
+* every wait is a ``poll`` on the event channel's fd (not ``select``, which fails for fds
+  above 1023) (found by ``_fdfind``), after which
   ``CMEvent(channel)`` returns at once;
 * an accepted id is moved onto its own event channel with librdmacm's
   ``rdma_migrate_id`` (not wrapped by pyverbs): otherwise its DISCONNECTED event would
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import math
 import os
 import select
 import socket
@@ -115,6 +117,22 @@ class Event:
         return str(self.type)
 
 
+def wait_readable(fd: int, timeout: float | None) -> bool:
+    """Whether ``fd`` becomes readable within ``timeout`` seconds (None: forever).
+
+    ``poll``, not ``select``: ``select`` raises ValueError for an fd above 1023, which a
+    process with a few hundred connections reaches.
+    """
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    ms = None if timeout is None else max(0, math.ceil(timeout * 1000))
+    while True:
+        try:
+            return bool(p.poll(ms))
+        except InterruptedError:  # pragma: no cover - PEP 475 retries already
+            continue
+
+
 class Channel:
     """A CM event channel whose fd we can wait on."""
 
@@ -126,8 +144,7 @@ class Channel:
             raise from_pyverbs(exc, what) from exc
 
     def readable(self, timeout: float | None) -> bool:
-        r, _, _ = select.select([self.fd], [], [], timeout)
-        return bool(r)
+        return wait_readable(self.fd, timeout)
 
     def get(self, timeout: float | None) -> Event:
         """The next event; ``Timeout`` if none within ``timeout`` seconds."""

@@ -12,6 +12,7 @@ The variables, all optional (unset or empty: the default):
 ``USDP_SEND_BUFS``     ``Options.send_bufs``, send slots (2..4096)
 ``USDP_DEFER``         ``Options.defer``: 0/1, no/yes, false/true, off/on
 ``USDP_BUSY_POLL``     ``Options.busy_poll``, microseconds a blocking call may busy-poll (0: never)
+``USDP_MR_BUDGET``     ``Options.mr_budget``, registered bytes for the process (0: default)
 ``USDP_CONFIG``        the rules file of ``usdp.patch()`` / ``python -m usdp.run``
 ====================== ====================================================================
 
@@ -84,6 +85,7 @@ _OPTION_VARS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "USDP_SEND_BUFS": ("send_bufs", _whole(2, MAX_RECV_BUFS)),
     "USDP_DEFER": ("defer", _flag),
     "USDP_BUSY_POLL": ("busy_poll", _micros),
+    "USDP_MR_BUDGET": ("mr_budget", _whole(0, 1 << 62)),
 }
 
 
@@ -151,6 +153,11 @@ class Options:
             of an earlier send to share its frame).
         handshake_timeout: bound on each step of connection setup when no socket timeout
             is set.
+        mr_budget: bytes of connection rings the whole process may hold registered before
+            new connections are refused (a listener answers ``Reject(NO_RESOURCES)``,
+            ``connect`` raises ENOBUFS); 0 (the default) means 1 GiB,
+            less under a finite RLIMIT_MEMLOCK (see ``usdp._budget``). A peer's Hello cannot
+            make us pin more than our own rings: send slots follow the negotiated frame size.
     """
 
     zcopy_threshold: int = 0
@@ -165,6 +172,7 @@ class Options:
     handshake_timeout: float = 30.0
     busy_poll: float = field(default_factory=lambda: _default_busy_poll())
     nodelay: bool = False
+    mr_budget: int = 0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Options:

@@ -567,6 +567,27 @@ class Connection:
                 n = 0
         return chunks
 
+    def peek(self, n: int) -> list[Chunk]:
+        """The chunks :meth:`consume` would return for ``n``, without consuming (MSG_PEEK).
+
+        Stops at a SrcAvail: those bytes are in the peer's memory, not in a receive slot,
+        and reading them is what consumes them.
+
+        Raises:
+            UsdpError: the latched error. ValueError: ``n`` is negative.
+        """
+        self._raise_if_failed()
+        if n < 0:
+            raise ValueError(f"peek({n})")
+        chunks: list[Chunk] = []
+        for seg in self._segments:
+            if n <= 0 or isinstance(seg, _Remote):
+                break
+            take = min(n, seg.length)
+            chunks.append(Chunk(seg.slot, seg.offset, take, False))
+            n -= take
+        return chunks
+
     @property
     def head_is_remote(self) -> bool:
         """The next unread bytes are in the peer's memory (a SrcAvail): use consume_remote."""

@@ -561,3 +561,43 @@ class Endpoint:
         self.channel.close()
         if self.readiness is not None:
             self.readiness.close()
+
+    # ------------------------------------------------------------------ MSG_PEEK
+
+    def peek(self, out: memoryview, timeout: float | None, *, waitall: bool = False) -> int:
+        """``recv(MSG_PEEK)``: wait as ``recv_into`` does (with ``waitall`` until
+        ``len(out)`` bytes are queued), then copy without consuming; 0 means EOF."""
+        want = len(out)
+
+        def ready() -> bool:
+            if waitall:
+                return self.conn.readable >= want or self.conn.eof or self._broken()
+            return self._recv_ready()
+
+        with self.lock:
+            self.engine.wait(ready, timeout, "recv")
+            if self.conn.readable:
+                return self.peek_into(out)
+            err = self.conn.error
+            if err is not None and not self.conn.eof:
+                raise err
+            return 0
+
+    def peek_into(self, out: memoryview) -> int:
+        """Copy queued bytes into ``out`` without consuming them (owner only; MSG_PEEK).
+
+        Only bytes in our receive slots can be peeked. When the next bytes are behind a
+        zero-copy SrcAvail (in the peer's memory, read by the RDMA read that consumes them)
+        this raises EOPNOTSUPP rather than return 0, which would read as EOF; bytes before
+        a SrcAvail are peeked as usual.
+        """
+        if self.conn.head_is_remote:
+            raise UsdpError(errno.EOPNOTSUPP, "MSG_PEEK cannot look at zero-copy data "
+                            "(the next bytes are still in the peer's memory)")
+        pos = 0
+        rview, rsize = self._rview, self._rsize
+        for c in self.conn.peek(len(out)):
+            src = c.slot * rsize + c.offset
+            out[pos : pos + c.length] = rview[src : src + c.length]
+            pos += c.length
+        return pos

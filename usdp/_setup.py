@@ -14,16 +14,30 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import os
+import select
+import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
-from usdp import _cm
+from usdp import _cm, _fork
+from usdp._budget import BUDGET, default_budget
 from usdp._config import Options
 from usdp._endpoint import Endpoint
-from usdp._errors import ConnectionAborted, HandshakeError, UsdpError, with_context
+from usdp._errors import (
+    HandshakeError,
+    Timeout,
+    UsdpError,
+    WouldBlock,
+    with_context,
+)
+from usdp._readiness import Readiness
 from usdp._verbs import QPS_INIT, QPS_RTR, QPS_RTS, Device, QPResources
 from usdp._wire import (
+    HEADER_SIZE,
+    MAX_REJECT_TEXT,
     Features,
     HandshakeKind,
     Hello,
@@ -49,10 +63,41 @@ def _dev_name(cmid: Any) -> str:
     return name.decode() if isinstance(name, bytes) else str(name)
 
 
-def _resources(cmid: Any, opts: Options, peer_buf_size: int) -> QPResources:
-    return QPResources(Device.get(_dev_name(cmid)), recv_count=opts.recv_bufs,
-                       recv_size=opts.recv_buf_size, send_count=opts.send_bufs,
-                       send_size=peer_buf_size)
+class _BudgetedResources(QPResources):
+    """QPResources whose rings are counted in the process's registered-memory budget;
+    ``close`` (called by the endpoint's teardown, or on a failed setup) gives it back."""
+
+    def __init__(self, dev: Device, *, nbytes: int, recv_count: int, recv_size: int,
+                 send_count: int, send_size: int) -> None:
+        self._reserved = nbytes  # before super(): its failure path calls close()
+        super().__init__(dev, recv_count=recv_count, recv_size=recv_size,
+                         send_count=send_count, send_size=send_size)
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            n, self._reserved = self._reserved, 0
+            if n:
+                BUDGET.release(n)
+
+
+def _resources(cmid: Any, opts: Options, send_size: int, what: str) -> QPResources:
+    """Our rings, sized by our own Options: receive slots of ``opts.recv_buf_size`` and
+    send slots of ``send_size``, the largest frame we will send (negotiated, so at most our
+    own slot size whatever the peer's Hello claims).
+
+    Raises:
+        UsdpError: ENOBUFS if the budget (``Options.mr_budget``) would be exceeded, or the
+            verbs error (ENOMEM, RLIMIT_MEMLOCK) of a failed registration.
+    """
+    dev = Device.get(_dev_name(cmid))
+    nbytes = opts.recv_bufs * opts.recv_buf_size + opts.send_bufs * send_size
+    BUDGET.reserve(nbytes, opts.mr_budget or default_budget(), what)
+    # On failure QPResources' constructor closes what it made, which releases the bytes.
+    return _BudgetedResources(dev, nbytes=nbytes, recv_count=opts.recv_bufs,
+                              recv_size=opts.recv_buf_size, send_count=opts.send_bufs,
+                              send_size=send_size)
 
 
 def _post_all(res: QPResources) -> None:
@@ -80,7 +125,7 @@ def connect(dst: _cm.SockAddr, src: str | None, opts: Options,
         # the HelloAck, but negotiate() caps frames at min(peer slot, our max_msg), and
         # our max_msg is our own slot size: that bound is known now.
         with _step(f"connect to {at}: create the queue pair"):
-            res = _resources(cmid, opts, opts.recv_buf_size)
+            res = _resources(cmid, opts, opts.recv_buf_size, f"connecting to {at}")
             res.modify(cmid, QPS_INIT)
             _post_all(res)
         hello = _hello(opts, HandshakeKind.HELLO)
@@ -101,6 +146,7 @@ def connect(dst: _cm.SockAddr, src: str | None, opts: Options,
                       zcopy_threshold=opts.zcopy_threshold, ack_timeout=opts.ack_timeout,
                       busy_poll=opts.busy_poll)
         ep.start()
+        _fork.track(ep)
         return ep
     except BaseException:
         if res is not None:
@@ -122,94 +168,245 @@ def _step(what: str) -> Iterator[None]:
 
 
 class Listener:
-    """A bound, listening CM id; ``accept`` completes one handshake at a time."""
+    """A bound, listening CM id that completes handshakes in the background.
+
+    As a TCP listener: a thread of the listener's own answers each Hello as it arrives,
+    up to ``backlog`` established connections waiting for ``accept``; a client therefore
+    connects before the server calls ``accept()``. Not the completion thread: a burst of
+    handshakes (rings to map and register, QP transitions) would hold up every
+    connection's completions, and the ack watchdog would then take that delay for a dead
+    peer. Beyond the backlog a Hello gets ``Reject(BACKLOG)`` (the client
+    sees ECONNREFUSED). ``fileno()`` is readable exactly while an established connection
+    waits. ``close`` aborts the connections nobody accepted (their clients see a reset).
+    """
 
     def __init__(self, addr: _cm.SockAddr, backlog: int, opts: Options, family: int) -> None:
         self.opts = opts
-        self.chan = _cm.Channel(f"listen on {addr[0]}:{addr[1]}: open the RDMA connection "
-                                "manager")
+        self.backlog = max(1, backlog)
+        self._cond = threading.Condition()
+        self._queue: deque[tuple[Endpoint, _cm.SockAddr]] = deque()
+        self._closed = False
+        self.spurious_wakeups = 0  # readiness of the CM channel with no event behind it
+        self.chan = _cm.Channel(f"listen on {addr[0]}:{addr[1]}: open the RDMA "
+                                "connection manager")
+        self.cmid: Any = None
         try:
             self.cmid = _cm.new_id(self.chan)
             _cm.bind_listen(self.cmid, addr, backlog, family)
+            self.addr = _cm.local_addr(self.cmid)
+            self.readiness = Readiness()
         except BaseException:
             # The id before its channel: left to the GC, it would be destroyed after the
             # channel and pyverbs would print "Failed to close CMID" (EBADF).
-            if getattr(self, "cmid", None) is not None:
+            if self.cmid is not None:
                 _close_quietly(self.cmid)
             self.chan.close()
             raise
-        self.addr = _cm.local_addr(self.cmid)
+        self.readiness.set(False, False)  # a listener is never writable, as TCP's
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        _fork.track(self)
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name=f"usdp-listen-{self.addr[1]}")
+        self._thread.start()
 
     def fileno(self) -> int:
-        return self.chan.fd
+        return self.readiness.fileno()
 
-    def accept(self, timeout: float | None) -> tuple[Endpoint, _cm.SockAddr]:
-        deadline = None if timeout is None else time.monotonic() + timeout
+    def _where(self) -> str:
+        return f"{self.addr[0]}:{self.addr[1]}"
+
+    # ------------------------------------------------------------------ listener thread
+
+    def _run(self) -> None:
+        poller = select.poll()
+        poller.register(self.chan.fd, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
         while True:
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            ev = self.chan.get(remaining)
+            for fd, _mask in poller.poll():
+                cmds = b""
+                if fd != self.chan.fd:
+                    with contextlib.suppress(BlockingIOError):
+                        cmds = os.read(self._wake_r, 64)
+                    if b"s" in cmds:
+                        return
+                if fd == self.chan.fd or b"p" in cmds:  # poke(): as if it were ready
+                    try:
+                        self._on_cm_ready()
+                    except Exception:  # the listener itself must never stop
+                        log.exception("listener %s: CM event handling failed", self._where())
+
+    def poke(self) -> None:
+        """Run the event handler once on the listener thread, whether or not an event is
+        pending: a spurious wake-up on demand (tests)."""
+        os.write(self._wake_w, b"p")
+
+    def _on_cm_ready(self) -> None:
+        """The CM channel is readable (listener thread): take every pending event.
+
+        A wake-up with nothing behind it (the fd raced another reader, or the kernel
+        reported readiness early) is counted and ignored: it must never end the listener.
+        """
+        while True:
+            try:
+                ev = self.chan.get(0)
+            except WouldBlock:
+                self.spurious_wakeups += 1
+                return
             if ev.type != _cm.EV.RDMA_CM_EVENT_CONNECT_REQUEST:
-                log.debug("listener: CM event %s ignored", ev.name)
+                log.debug("listener %s: CM event %s ignored", self._where(), ev.name)
                 continue
             try:
-                return self._handshake(ev)
-            except UsdpError as exc:
-                log.warning("listener %s:%d: connection attempt failed: %s",
-                            self.addr[0], self.addr[1], exc)
-                if timeout == 0.0:
-                    # What a non-blocking accept loop (asyncio's) expects for a client
-                    # that went away mid-handshake: skip it and go on.
-                    raise ConnectionAborted(errno.ECONNABORTED,
-                                            f"handshake failed: {exc}") from exc
+                self._on_request(ev)
+            except Exception:  # one client's failure must not stop the listener
+                log.exception("listener %s: handling a connection request failed",
+                              self._where())
 
-    def _handshake(self, ev: _cm.Event) -> tuple[Endpoint, _cm.SockAddr]:
-        child = _cm.request_id(ev, self.cmid)
-        ev.raw.ack_cm_event()
-        peer_addr = _cm.peer_addr(child)
+    def _on_request(self, ev: _cm.Event) -> None:
+        from pyverbs.cmid import CMID
+
         try:
-            peer = decode_hello(ev.private_data, expect_kind=HandshakeKind.HELLO)
+            child = CMID(creator=ev.raw, listen_id=self.cmid)
+        finally:
+            ev.raw.ack_cm_event()
+        with self._cond:
+            full = len(self._queue) >= self.backlog
+        if full:
+            peer_addr = _cm.peer_addr(child)
+            log.warning("listener %s: backlog of %d full, refusing %s:%d", self._where(),
+                        self.backlog, peer_addr[0], peer_addr[1])
+            _reject(child, RejectReason.BACKLOG, "backlog full")
+            return
+        try:
+            ep, addr = self._handshake(child, ev.private_data)
+        except UsdpError as exc:
+            log.warning("listener %s: connection attempt failed: %s", self._where(), exc)
+            return
+        with self._cond:
+            self._queue.append((ep, addr))
+            self._update_locked()
+            self._cond.notify()
+
+    def _handshake(self, child: Any, private_data: bytes) -> tuple[Endpoint, _cm.SockAddr]:
+        """Validate the Hello, build our resources, accept (closes ``child`` on failure)."""
+        peer_addr = _cm.peer_addr(child)
+        who = f"{peer_addr[0]}:{peer_addr[1]}"
+        try:
+            peer = decode_hello(private_data, expect_kind=HandshakeKind.HELLO)
+            ack = _hello(self.opts, HandshakeKind.HELLO_ACK)
+            params = negotiate(ack, peer)
         except HandshakeError as exc:
-            reason = exc.reason or RejectReason.BAD_PARAMS
-            log.warning("rejecting %s:%d: %s", peer_addr[0], peer_addr[1], exc)
-            try:
-                child.reject(Reject(reason, str(exc)[:40]).encode())
-            finally:
-                _close_quietly(child)
+            log.warning("rejecting %s: %s", who, exc)
+            _reject(child, exc.reason or RejectReason.BAD_PARAMS, str(exc))
             raise
         chan = _cm.Channel()
         res = None
         try:
+            # Send slots hold our largest frame, as negotiated: the peer's recv_buf_size
+            # counts only up to our own slot size (issue 11, item 6).
+            try:
+                res = _resources(child, self.opts, params.max_payload + HEADER_SIZE,
+                                 f"accepting {who} on {self._where()}")
+            except OSError as exc:  # the budget, or mmap/ibv_reg_mr (ENOMEM, MEMLOCK)
+                log.warning("refusing %s: %s", who, exc)
+                _reject(child, RejectReason.NO_RESOURCES, "no resources")
+                child = None
+                if isinstance(exc, UsdpError):
+                    raise
+                raise UsdpError(exc.errno or errno.ENOMEM,
+                                f"accepting {who} on {self._where()}: {exc}") from exc
             _cm.migrate(child, chan)
-            res = _resources(child, self.opts, peer.recv_buf_size)
             res.modify(child, QPS_INIT)
             _post_all(res)
-            ack = _hello(self.opts, HandshakeKind.HELLO_ACK)
-            params = negotiate(ack, peer)
             res.modify(child, QPS_RTR)
             res.modify(child, QPS_RTS)
             param = _cm.conn_param(res.qp_num, ack.encode(), accept=True)
             child.accept(param)
             # Not waiting for ESTABLISHED (the active side's RTU): our QP is already in
             # RTS, so data may flow; the event arrives on the connection's own channel and
-            # a failed handshake (CONNECT_ERROR) resets the connection there. This lets one
-            # accept loop take many connections without a round trip each.
+            # a failed handshake (CONNECT_ERROR) resets the connection there.
             ep = Endpoint(child, chan, res, params, defer=self.opts.defer,
                           signal_every=self.opts.signal_every,
                           zcopy_threshold=self.opts.zcopy_threshold,
                           ack_timeout=self.opts.ack_timeout,
                           busy_poll=self.opts.busy_poll)
             ep.start()
+            _fork.track(ep)
             return ep, peer_addr
         except BaseException:
             if res is not None:
                 res.close()
-            _close_quietly(child)
+            if child is not None:
+                _close_quietly(child)
             chan.close()
             raise
 
+    def _update_locked(self) -> None:
+        self.readiness.set(bool(self._queue) or self._closed, False)
+
+    # ------------------------------------------------------------------ user calls
+
+    def accept(self, timeout: float | None) -> tuple[Endpoint, _cm.SockAddr]:
+        """Pop an established connection, waiting up to ``timeout`` (None: forever)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while not self._queue:
+                if self._closed:
+                    raise UsdpError(errno.EBADF, f"listener {self._where()} is closed")
+                if timeout == 0.0:
+                    raise WouldBlock(errno.EAGAIN,
+                                     f"accept on {self._where()}: no connection waiting")
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise Timeout(errno.ETIMEDOUT, f"timed out: accept on {self._where()}")
+                self._cond.wait(remaining)
+            item = self._queue.popleft()
+            self._update_locked()
+            return item
+
+    def pending(self) -> int:
+        """Established connections waiting for ``accept``."""
+        with self._cond:
+            return len(self._queue)
+
     def close(self) -> None:
+        """Stop listening; connections nobody accepted are aborted (a reset, as TCP's)."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._cond.notify_all()
+        os.write(self._wake_w, b"s")
+        if threading.current_thread() is not self._thread:
+            self._thread.join()  # no handler runs after this
+        with self._cond:
+            queued = list(self._queue)
+            self._queue.clear()
+        for ep, _addr in queued:
+            _abort(ep)
         _close_quietly(self.cmid)
         self.chan.close()
+        self.readiness.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+
+def _reject(child: Any, reason: RejectReason, text: str) -> None:
+    try:
+        child.reject(Reject(reason, text[:MAX_REJECT_TEXT]).encode())
+    except Exception as exc:
+        log.debug("rejecting a connection request: %s", exc)
+    finally:
+        _close_quietly(child)
+
+
+def _abort(ep: Endpoint) -> None:
+    """Abort a connection nobody accepted: ABORT to the peer, then tear down."""
+    try:
+        with ep.lock:
+            ep.abort()
+        ep.close(0.0)
+    except Exception as exc:
+        log.debug("aborting an unaccepted connection: %s", exc)
 
 
 def _close_quietly(cmid: Any) -> None:

@@ -13,10 +13,13 @@ import contextlib
 import errno
 import io
 import socket as _stdsocket
+import sys
 import threading
+import time
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+from usdp import _fork
 from usdp._config import KEEPALIVE_DEFAULT, Options
 from usdp._errors import (
     AlreadyConnected,
@@ -55,6 +58,21 @@ _TCP_USER_TIMEOUT: int = getattr(_stdsocket, "TCP_USER_TIMEOUT", 18)
 #: Linux's SO_BUSY_POLL (microseconds): here, the most a blocking call busy-polls.
 _SO_BUSY_POLL: int = getattr(_stdsocket, "SO_BUSY_POLL", 46)
 _Address = tuple[Any, ...]  # (host, port) or, for AF_INET6, (host, port, flow, scope)
+_MSG_PEEK: int = _stdsocket.MSG_PEEK
+_MSG_WAITALL: int = _stdsocket.MSG_WAITALL
+_MSG_DONTWAIT: int = _stdsocket.MSG_DONTWAIT
+_RECV_FLAGS = _MSG_PEEK | _MSG_WAITALL | _MSG_DONTWAIT
+# MSG_NOSIGNAL: usdp never raises SIGPIPE anyway; MSG_MORE: a hint TCP may ignore too.
+_SEND_FLAGS = _MSG_DONTWAIT | _stdsocket.MSG_NOSIGNAL | getattr(_stdsocket, "MSG_MORE", 0)
+
+
+def _writable_view(buffer: Any) -> memoryview:
+    """A writable byte view of ``buffer``; TypeError (as socket.recv_into) if read-only."""
+    mv = memoryview(buffer)
+    if mv.readonly:
+        raise TypeError("recv_into() argument 'buffer' must be read-write bytes-like object, "
+                        f"not {type(buffer).__name__}")
+    return mv.cast("B")
 
 
 class SdpSocket:
@@ -84,6 +102,7 @@ class SdpSocket:
         self._io_refs = 0
         self._sockopts: dict[tuple[int, int], int] = {}
         self._close_lock = threading.Lock()
+        self._fork_gen = _fork.generation  # see _check_open and usdp._fork
 
     # ------------------------------------------------------------------ misc
 
@@ -112,6 +131,8 @@ class SdpSocket:
     def _check_open(self) -> None:
         if self._closed:
             raise error_from_errno(errno.EBADF, "Bad file descriptor (socket is closed)")
+        if self._fork_gen != _fork.generation:
+            raise _fork.inherited_error()
 
     def _connected(self) -> Endpoint:
         self._check_open()
@@ -231,15 +252,17 @@ class SdpSocket:
 
     def send(self, data: Any, flags: int = 0) -> int:
         """Send some of ``data``; returns how many bytes were taken (at least 1)."""
+        timeout = self._send_timeout(flags)
         ep, mv = self._send_target(data)
         if not mv:
             return 0
-        return ep.send(mv, self._timeout)
+        return ep.send(mv, timeout)
 
     def sendall(self, data: Any, flags: int = 0) -> None:
         """Send all of ``data``."""
+        timeout = self._send_timeout(flags)
         ep, mv = self._send_target(data)
-        ep.sendall(mv, self._timeout)
+        ep.sendall(mv, timeout)
 
     def _send_target(self, data: Any) -> tuple[Endpoint, memoryview]:
         ep = self._connected()
@@ -256,13 +279,26 @@ class SdpSocket:
         return bytes(buf)
 
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        """As ``socket.recv_into``, with MSG_PEEK, MSG_WAITALL and MSG_DONTWAIT."""
         ep = self._connected()
-        mv = memoryview(buffer).cast("B")
+        mv = _writable_view(buffer)  # before anything is consumed, as the stdlib checks
+        if nbytes < 0:
+            raise ValueError("negative buffersize in recv_into")
+        if nbytes > len(mv):
+            raise ValueError("buffer too small for requested bytes")
         if nbytes:
             mv = mv[:nbytes]
+        timeout = self._recv_timeout(flags)
         if not mv or self._rd_shut:
             return 0
-        return ep.recv_into(mv, self._timeout)
+        if flags & _MSG_PEEK:
+            return self._recv_peek(ep, mv, timeout, bool(flags & _MSG_WAITALL))
+        if flags & _MSG_WAITALL and timeout != 0.0:
+            return self._recv_all(ep, mv, timeout)
+        return self._recv_some(ep, mv, timeout)
+
+    def _recv_some(self, ep: Endpoint, mv: memoryview, timeout: float | None) -> int:
+        return ep.recv_into(mv, timeout)
 
     # ------------------------------------------------------------------ scatter/gather, sendfile
     # Built only on send/recv_into/sendall above, so they follow whatever is beneath.
@@ -353,6 +389,43 @@ class SdpSocket:
             if sent > 0 and hasattr(file, "seek"):
                 file.seek(offset + sent)
 
+    def _recv_all(self, ep: Endpoint, mv: memoryview, timeout: float | None) -> int:
+        """MSG_WAITALL: loop until ``mv`` is full, EOF, or an error or timeout; as Linux,
+        bytes already copied are returned and the error is left for the next call."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        got = 0
+        while got < len(mv):
+            # Never 0 once the deadline passed: 0 would mean non-blocking (EAGAIN).
+            left = None if deadline is None else max(1e-6, deadline - time.monotonic())
+            try:
+                n = self._recv_some(ep, mv[got:], left)
+            except OSError:
+                if got:
+                    return got
+                raise
+            if n == 0:
+                break
+            got += n
+        return got
+
+    def _recv_peek(self, ep: Endpoint, mv: memoryview, timeout: float | None,
+                   waitall: bool) -> int:
+        """MSG_PEEK: copy queued bytes without consuming them (with MSG_WAITALL, wait until
+        ``len(mv)`` bytes are queued, or EOF/error)."""
+        return ep.peek(mv, timeout, waitall=waitall)
+
+    def _recv_timeout(self, flags: int) -> float | None:
+        if flags & ~_RECV_FLAGS:
+            raise UsdpError(errno.EOPNOTSUPP, f"recv flags {flags & ~_RECV_FLAGS:#x} not "
+                            "supported by usdp (MSG_PEEK, MSG_WAITALL, MSG_DONTWAIT are)")
+        return 0.0 if flags & _MSG_DONTWAIT else self._timeout
+
+    def _send_timeout(self, flags: int) -> float | None:
+        if flags & ~_SEND_FLAGS:
+            raise UsdpError(errno.EOPNOTSUPP, f"send flags {flags & ~_SEND_FLAGS:#x} not "
+                            "supported by usdp (MSG_DONTWAIT, MSG_NOSIGNAL, MSG_MORE are)")
+        return 0.0 if flags & _MSG_DONTWAIT else self._timeout
+
     def makefile(self, mode: str = "r", buffering: int | None = None, *,
                  encoding: str | None = None, errors: str | None = None,
                  newline: str | None = None) -> Any:
@@ -403,6 +476,12 @@ class SdpSocket:
             ep.shutdown_write()
 
     def close(self) -> None:
+        if self._fork_gen != _fork.generation:
+            # Inherited across fork: the RDMA resources are the parent's (usdp._fork
+            # pinned them); closing here only forgets them, as close() of a dup'ed fd.
+            self._closed = True
+            self._ep = self._listener = None
+            return
         with self._close_lock:
             if self._closed and self._ep is None and self._listener is None:
                 return
@@ -468,6 +547,8 @@ class SdpSocket:
 
     def getsockopt(self, level: int, optname: int, buflen: int | None = None) -> int:
         self._check_open()
+        if level == _stdsocket.SOL_SOCKET and optname == _stdsocket.SO_TYPE:
+            _refuse_ssl_wrap()
         if level == _stdsocket.SOL_SOCKET:
             if optname == _stdsocket.SO_RCVBUF:
                 return self._opts.recv_bufs * self._opts.recv_buf_size
@@ -491,6 +572,21 @@ class SdpSocket:
     def stats(self) -> dict[str, int]:
         """Counters of the progress engine, the lock and the protocol."""
         return self._connected().stats()
+
+
+def _refuse_ssl_wrap() -> None:
+    """Refuse ``ssl`` wrapping before it touches any fd.
+
+    ``SSLSocket._create`` asks ``getsockopt(SO_TYPE)`` first, then wraps ``fileno()`` in a
+    kernel socket object and calls ``detach()``; that fails (usdp has no kernel socket to
+    give), and the half-built SSLSocket would then close usdp's readiness fd, whose number
+    a later file could reuse. So the first call fails instead, while nothing is touched.
+    """
+    caller = sys._getframe(2)
+    if caller.f_globals.get("__name__") == "ssl":
+        raise UsdpError(errno.EOPNOTSUPP, "ssl cannot wrap a usdp socket (TLS needs a kernel "
+                        "socket; usdp has none): for TLS over RDMA use usdp.asyncio with "
+                        "ssl=, or TLS over TCP")
 
 
 class _SocketIO(io.RawIOBase):

@@ -24,6 +24,20 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.rxe)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _enough_fds() -> None:
+    """A connection holds 5 fds on each side (2 completion channels, its CM channel, the
+    readiness pair), so the 100-connection tests need ~1000 fds plus the listener's: at
+    the default soft limit of 1024 they ran at the edge (one EMFILE seen). Raise the soft
+    limit as a server with hundreds of connections must."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
 @pytest.fixture(scope="session")
 def rxe_dev() -> str:
     """The name of the local rxe device (``USDP_RXE_DEV``), checked to be ACTIVE."""

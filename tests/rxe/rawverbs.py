@@ -29,8 +29,9 @@ TIMEOUT = 60.0  # seconds; every wait below is bounded
 
 
 def wait_fd(fd: int, timeout: float = TIMEOUT) -> None:
-    r, _, _ = select.select([fd], [], [], timeout)
-    if not r:
+    p = select.poll()  # not select.select: fds above 1023
+    p.register(fd, select.POLLIN)
+    if not p.poll(max(0, int(timeout * 1000))):
         raise TimeoutError(f"fd {fd} not readable within {timeout}s")
 
 

@@ -295,3 +295,55 @@ def accept_in_thread(lst: socket.socket) -> Callable[[], Any]:
         return out[0]
 
     return get
+
+
+class _ForkedEcho(socketserver.StreamRequestHandler):
+    """Runs in the forked child: records how serving the inherited connection ended."""
+
+    report: ClassVar[str] = ""
+
+    def handle(self) -> None:
+        try:
+            line = self.rfile.readline()
+            self.wfile.write(line)
+            self.wfile.flush()
+            outcome = "served"
+        except OSError as exc:
+            outcome = f"{type(exc).__name__} errno={exc.errno}: {exc}"
+        with open(self.report, "w") as f:
+            f.write(outcome)
+
+
+def test_forking_server_child_fails_clearly_on_an_inherited_rdma_socket(
+        host_a: str, tmp_path: Path) -> None:
+    """socketserver.ForkingMixIn under the drop-in: RDMA resources do not survive fork, so
+    the child's handler gets a clear EBADF, the parent closes its copy (the client reads
+    EOF, promptly), and the server goes on accepting."""
+    rules = "use sdp * * 198.18.0.0/15:*\ndefault tcp\n"
+    with patched(rules):
+        srv = socketserver.ForkingTCPServer((host_a, 0), _ForkedEcho)
+        t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05})
+        t.start()
+        try:
+            assert usdp.transport_of(srv.socket) == "sdp"
+            for i in range(2):  # the second shows the server survived the first
+                _ForkedEcho.report = str(tmp_path / f"child{i}")
+                with socket.create_connection(address(srv), timeout=TIMEOUT) as c:
+                    assert usdp.transport_of(c) == "sdp"
+                    c.sendall(b"ping\n")
+                    try:
+                        assert c.recv(100) == b""
+                    except ConnectionError:
+                        pass  # a reset is as clear as EOF
+                deadline = time.monotonic() + TIMEOUT
+                report = tmp_path / f"child{i}"
+                while not report.exists() or not report.read_text():
+                    assert time.monotonic() < deadline, "the child never reported"
+                    threading.Event().wait(0.05)
+                text = report.read_text()
+                assert "errno=9" in text and "inherited across fork()" in text, text
+        finally:
+            srv.shutdown()
+            t.join(TIMEOUT)
+            srv.server_close()
+    assert not t.is_alive()

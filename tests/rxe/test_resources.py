@@ -33,6 +33,22 @@ def _snapshot() -> dict[str, int]:
     return {"fd": _fd_count(), **rdma_resources()}
 
 
+def _settled_snapshot(deadline: float = 120.0) -> dict[str, int]:
+    """A snapshot once the counts stop changing: connections of an earlier test (their
+    peers' teardown, a lingering close) may still be going away. Three equal readings
+    in a row, with a generous bound; the last reading is returned either way, and the
+    test's own comparison then tells a leak from a slow teardown."""
+    end = time.monotonic() + deadline
+    last = _snapshot()
+    same = 0
+    while same < 2 and time.monotonic() < end:
+        threading.Event().wait(0.5)
+        now = _snapshot()
+        same = same + 1 if now == last else 0
+        last = now
+    return last
+
+
 def _warm_up(host: str, port: int) -> None:
     """The device context, PD and completion thread stay for the process's lifetime."""
     with server(host, port, lambda c: None) as errors, client(host, port) as s:
@@ -48,7 +64,7 @@ def test_receivers_that_never_read_bound_the_senders(host_a: str, port: int) -> 
     conns = 24
     opts = usdp.Options(ack_timeout=1.0)  # would reset a stalled-but-alive peer if wrong
     _warm_up(host_a, port + 1)
-    base = _snapshot()
+    base = _settled_snapshot()
     lst = usdp.SdpSocket(options=opts)
     lst.bind((host_a, port))
     lst.listen()
@@ -58,7 +74,7 @@ def test_receivers_that_never_read_bound_the_senders(host_a: str, port: int) -> 
     try:
         acceptor = threading.Thread(
             target=lambda: accepted.extend(lst.accept()[0] for _ in range(conns)))
-        acceptor.start()  # connect() completes only once the listener accepts
+        acceptor.start()
         for _ in range(conns):
             clients.append(client(host_a, port, opts))
         acceptor.join(TIMEOUT)
@@ -127,7 +143,7 @@ def test_open_close_cycles_release_everything(host_a: str, port: int) -> None:
         assert not errors, errors
 
     run(20)  # warm up: the device context, the completion thread, allocator pools
-    base, rss = _snapshot(), _rss_kib()
+    base, rss = _settled_snapshot(), _rss_kib()
     t0 = time.monotonic()
     run(cycles)
     secs = time.monotonic() - t0

@@ -71,7 +71,7 @@ def test_tls_streams_echo_8mib(host_a: str, port: int, tls: dict[str, Any]) -> N
 
     got, info = asyncio.run(asyncio.wait_for(main(), TIMEOUT * 2))
     assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
-    assert info["transport"] == "rdma" and info["version"].startswith("TLS")
+    assert info["transport"] == "sdp" and info["version"].startswith("TLS")
     assert ("DNS", NAME) in info["cert"]["subjectAltName"]
 
 

@@ -9,6 +9,8 @@ from typing import Any
 
 import pytest
 
+pytest.importorskip("pyroute2", reason="the bench's runner needs the test bed's pyroute2")
+
 from usdptools.bench import report, summary
 from usdptools.bench.runner import LABELS
 

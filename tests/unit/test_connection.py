@@ -859,3 +859,29 @@ def test_pair_sequence_numbers_wrap() -> None:
     run_to_quiescence(a, b, max_rounds=1000)
     check_quiescent_and_closed(a, b, data_a, data_b)
     assert a.conn._tx_seq < 1000 and b.conn._tx_seq < 1000
+
+
+def test_peek_does_not_consume() -> None:
+    """MSG_PEEK: the chunks consume() would give, while the queue, the readable count and
+    the slots stay as they were."""
+    c = Connection(params())
+    p = Peer(c)
+    p.send(Mid.DATA, b"aaa")
+    p.send(Mid.DATA, b"bbbb")
+    assert c.peek(5) == [Chunk(0, HEADER_SIZE, 3, False), Chunk(1, HEADER_SIZE, 2, False)]
+    assert c.peek(100) == [Chunk(0, HEADER_SIZE, 3, False), Chunk(1, HEADER_SIZE, 4, False)]
+    assert c.peek(0) == []
+    assert c.readable == 7 and c.take_free_slots() == []
+    assert c.consume(2) == [Chunk(0, HEADER_SIZE, 2, False)]
+    assert c.peek(2) == [Chunk(0, HEADER_SIZE + 2, 1, False), Chunk(1, HEADER_SIZE, 1, False)]
+    with pytest.raises(ValueError):
+        c.peek(-1)
+
+
+def test_peek_raises_the_latched_error() -> None:
+    c = Connection(params())
+    p = Peer(c)
+    p.send(Mid.DATA, b"x")
+    p.send(Mid.ABORT)
+    with pytest.raises(ConnectionReset):
+        c.peek(1)
