@@ -92,6 +92,7 @@ class USDPListener(BaseListener):
         self._sock: SdpSocket | None = None
         self._bound: tuple[str, int] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
         host = self.ip or "0.0.0.0"
@@ -101,7 +102,8 @@ class USDPListener(BaseListener):
             sock.listen(int(dask.config.get("distributed.comm.socket-backlog")))
             sock.setblocking(False)
             self._bound = sock.getsockname()[:2]
-            asyncio.get_running_loop().add_reader(sock.fileno(), self._on_readable)
+            self._loop = asyncio.get_running_loop()
+            self._loop.add_reader(sock.fileno(), self._on_readable)
         except BaseException:
             close_quietly(sock)
             raise
@@ -111,7 +113,8 @@ class USDPListener(BaseListener):
     def stop(self) -> None:
         sock, self._sock = self._sock, None
         if sock is not None:
-            asyncio.get_running_loop().remove_reader(sock.fileno())
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.remove_reader(sock.fileno())
             close_quietly(sock)
 
     def _on_readable(self) -> None:
@@ -127,7 +130,8 @@ class USDPListener(BaseListener):
             except OSError as exc:
                 log.error("listener %s: accept failed: %s", self.listen_address, exc)
                 return
-            task = asyncio.get_running_loop().create_task(self._handle(conn, addr))
+            assert self._loop is not None
+            task = self._loop.create_task(self._handle(conn, addr))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
