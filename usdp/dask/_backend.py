@@ -13,6 +13,7 @@ import socket
 from typing import Any
 
 import dask.config
+from dask.utils import parse_timedelta
 from distributed.comm.addressing import parse_host_port, unparse_host_port
 from distributed.comm.core import BaseListener, Connector
 from distributed.comm.registry import Backend
@@ -25,6 +26,7 @@ from usdp.dask._stream import close_quietly
 
 log = logging.getLogger("usdp.dask")
 PREFIX = "usdp://"
+_TCP_USER_TIMEOUT: int = getattr(socket, "TCP_USER_TIMEOUT", 18)
 
 
 def _family(host: str) -> int:
@@ -39,8 +41,13 @@ def _check_encryption(address: str, connection_args: dict[str, Any]) -> None:
 
 
 def _prepare(sock: SdpSocket) -> None:
-    """Keepalive probes find a dead peer on an idle connection (as tcp:// sets)."""
+    """As tcp:// does: keepalive probes find a dead peer on an idle connection, and
+    TCP_USER_TIMEOUT (here: how long a send may go unacknowledged) is dask's
+    ``distributed.comm.timeouts.tcp`` (30 s), not usdp's 5 s default, which a busy
+    (emulated) host can exceed while dask processes start."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    timeout = parse_timedelta(dask.config.get("distributed.comm.timeouts.tcp"), "seconds")
+    sock.setsockopt(socket.IPPROTO_TCP, _TCP_USER_TIMEOUT, int(timeout * 1000))
 
 
 class USDPConnector(Connector):
