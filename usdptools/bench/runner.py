@@ -479,6 +479,10 @@ def parse_size(s: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--dask" in argv:  # dask.distributed over usdp:// vs tcp://: its own module
+        from usdptools.bench import dask_bench
+        return dask_bench.main([a for a in argv if a != "--dask"])
     ap = argparse.ArgumentParser(prog="python -m usdptools.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hosts", type=int, choices=[1, 2],
