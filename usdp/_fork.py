@@ -80,7 +80,9 @@ def _after_fork_in_child() -> None:
 
 def _fork_init() -> None:
     """Ask libibverbs for fork support before anything is registered."""
-    os.environ.setdefault("RDMAV_FORK_SAFE", "1")
+    # Not RDMAV_FORK_SAFE in os.environ: every child process would inherit it, and
+    # librspreload (rsockets) then hands out kernel TCP sockets instead (measured: the
+    # bench's rsockets contender broke).
     try:
         lib = ctypes.CDLL("libibverbs.so.1")
         rc = lib.ibv_fork_init()

@@ -143,6 +143,11 @@ def test_open_close_cycles_release_everything(host_a: str, port: int) -> None:
         assert not errors, errors
 
     run(20)  # warm up: the device context, the completion thread, allocator pools
+    # A thread that ever slept on a connection keeps one eventfd for its lifetime (the
+    # engine's wake fd, per thread, not per connection): make sure ours exists.
+    from usdp._engine import _wake_fd
+
+    _wake_fd()
     base, rss = _settled_snapshot(), _rss_kib()
     t0 = time.monotonic()
     run(cycles)
