@@ -32,24 +32,23 @@ from typing import Any
 from usdp._wire import MAX_BUF_SIZE, MAX_RECV_BUFS, MIN_BUF_SIZE, MIN_RECV_BUFS
 
 
-def _seconds(raw: str) -> float:
+def _amount(raw: str, unit: str) -> float:
+    """A finite number, 0 or more, or ValueError naming the ``unit`` expected."""
     try:
         value = float(raw)
     except ValueError:
         value = math.nan
     if not math.isfinite(value) or value < 0:
-        raise ValueError("expected seconds as a number (0 or more)")
+        raise ValueError(f"expected {unit} as a number (0 or more)")
     return value
 
 
+def _seconds(raw: str) -> float:
+    return _amount(raw, "seconds")
+
+
 def _micros(raw: str) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value < 0:
-        raise ValueError("expected microseconds as a number (0 or more)")
-    return value / 1e6
+    return _amount(raw, "microseconds") / 1e6
 
 
 def _whole(lo: int, hi: int) -> Callable[[str], int]:
