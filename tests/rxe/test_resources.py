@@ -152,9 +152,14 @@ def test_open_close_cycles_release_everything(host_a: str, port: int) -> None:
     t0 = time.monotonic()
     run(cycles)
     secs = time.monotonic() - t0
-    after, rss_after = _snapshot(), _rss_kib()
+    after, rss_after = _settled_snapshot(), _rss_kib()
     print(f"\n{cycles} open/close cycles in {secs:.1f} s: {base} -> {after}, RSS {rss} -> "
           f"{rss_after} KiB ({(rss_after - rss) / cycles:.2f} KiB per cycle)")
-    assert after == base
+    # Verbs objects exactly back; fds never above the baseline (a leak over 1000 cycles
+    # would add hundreds). One fewer is a thread's wake fd that the baseline still saw: a
+    # thread of the warm-up whose thread-local state had not been freed yet.
+    assert {k: v for k, v in after.items() if k != "fd"} == \
+        {k: v for k, v in base.items() if k != "fd"}
+    assert base["fd"] - 1 <= after["fd"] <= base["fd"], (base, after)
     assert threading.active_count() < 20
     assert rss_after - rss < 20 * 1024  # KiB; pyverbs 44 leaks ~16 B per send WR
