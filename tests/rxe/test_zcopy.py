@@ -133,6 +133,7 @@ def test_stale_and_out_of_range_reads_fail_with_remote_access_error(host_a: str,
     keep = bytes(data)
     outcome: dict[str, Any] = {}
     proceed = threading.Event()
+    read_done = threading.Event()
 
     def hostile(conn: usdp.SdpSocket) -> None:
         ep = conn._ep
@@ -154,12 +155,16 @@ def test_stale_and_out_of_range_reads_fail_with_remote_access_error(host_a: str,
             outcome["latched"] = type(ep.conn.error).__name__
         finally:
             mr.close()
+            # The sender closes only now: its disconnect would flush our read (a reset)
+            # before the remote access error could come back.
+            read_done.set()
 
     with server(host_a, port, hostile, options=ZOPTS) as errors:
         s = client(host_a, port, ZOPTS)
         s.sendall(data)
         assert _verbs.remote_access_mrs() == 0
         proceed.set()
+        assert read_done.wait(TIMEOUT)
         s.close()
     assert not errors, errors
     assert outcome["remote_mrs_during"] == 1
