@@ -414,8 +414,6 @@ class Endpoint:
                 self._update_readiness()
         return self.readiness.fileno()
 
-    readiness_fd = fileno
-
     def _update_readiness(self) -> None:
         r = self.readiness
         if r is None:
