@@ -140,7 +140,10 @@ class Options:
             connection only sets a pending flag (``USDP_DEFER=0`` turns it off, to measure).
         signal_every: request a send completion every N sends (pyverbs polls cost per
             completion, so fewer completions is cheaper); always when the pool runs dry.
-        linger: seconds ``close`` waits for queued data to reach the peer.
+        linger: seconds a closed connection goes on delivering its queued bytes and EOF
+            in the background before it is aborted (``close`` itself returns at once
+            unless ``SO_LINGER`` is set; at interpreter exit usdp waits for them). Linux
+            keeps an orphaned TCP socket about as long when its peer stops reading.
         busy_poll: the most (seconds) a blocking call busy-polls its CQs before it arms
             them and sleeps on the completion fds; the engine adapts below it (twice what
             recent waits took). ``SO_BUSY_POLL`` (microseconds) or ``USDP_BUSY_POLL``
@@ -167,7 +170,7 @@ class Options:
     send_bufs: int = 16
     defer: bool = True
     signal_every: int = 8
-    linger: float = 10.0
+    linger: float = 30.0
     handshake_timeout: float = 30.0
     busy_poll: float = field(default_factory=lambda: _default_busy_poll())
     nodelay: bool = False

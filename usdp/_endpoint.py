@@ -23,7 +23,7 @@ import logging
 import time
 from typing import Any
 
-from usdp import _cm
+from usdp import _cm, _orphans
 from usdp._connection import Connection, State
 from usdp._engine import BOTH, RECV, SEND, Engine
 from usdp._errors import (
@@ -77,15 +77,19 @@ class Endpoint:
             on_send_wc=self._on_send_wc, on_recv_wc=self._on_recv_wc, after=self._after,
             send_events_needed=self._send_events_needed,
             sends_outstanding=lambda: self.sp.outstanding() or self.zc.reading,
-            eager=lambda: self.readiness is not None, name=f"qp{res.qp_num}")
+            eager=lambda: self.readiness is not None or self._orphaned,
+            name=f"qp{res.qp_num}")
         self.lock = self.engine.lock
         self.zc = Zcopy(res, self.conn, self.sp, self.liveness,
                         wait=self._wait_bool, fail=self._fail, abort=self.abort,
-                        peer_gone=lambda: self.peer_gone)
+                        peer_gone=lambda: self.peer_gone or self.closing)
         self.peer_gone = False  # CM DISCONNECTED seen
         self._cm_gone_pending = False  # ... and not yet handled by a drain
-        self.closing = False
-        self.closed = False
+        self.closing = False  # close() was called: user calls fail with EBADF
+        self.closed = False  # torn down (``_destroy`` ran)
+        self.rd_shut = False  # shutdown(SHUT_RD): recv returns what is queued, then 0
+        self._orphaned = False  # closed by the user, still delivering (see ``close``)
+        self._orphan_deadline = 0.0
         self.readiness: Readiness | None = None
         self._recv_completions = 0
         self._send_completions = 0
@@ -128,7 +132,7 @@ class Endpoint:
         """A send completion must wake someone even if nobody is inside: a cork or our
         EOF waits for it, or a readiness-fd user may wait for writability."""
         return self.sp.needs_completion() or self._eof_pending \
-            or (self.readiness is not None and bool(self.sp.inflight))
+            or ((self.readiness is not None or self._orphaned) and bool(self.sp.inflight))
 
     def _handle_peer_gone(self) -> None:
         """The peer disconnected (owner only, after both CQs were drained)."""
@@ -157,6 +161,8 @@ class Endpoint:
             self.sp.flush_cork()  # posts only if due and a credit allows (never after an error)
         self.sp.send_control()
         self._update_readiness()
+        if self._orphaned:
+            self._orphan_step()
 
     def _on_recv_wc(self, wc: Any) -> None:
         self._recv_completions += 1
@@ -272,6 +278,8 @@ class Endpoint:
                     errno.ECONNRESET, f"connection reset: no acknowledgement from the peer "
                     f"for {self.liveness.ack_timeout:g} s (peer or link down)"))
                 self._update_readiness()
+                if self._orphaned:
+                    self._orphan_step()
                 return
             h = self.conn.keepalive_header() if self.sp.free else None
             if h is not None:
@@ -287,28 +295,41 @@ class Endpoint:
     def send(self, data: memoryview, timeout: float | None) -> int:
         """``socket.send``: take some of ``data``; a blocking call takes at least a byte."""
         with self.lock:
-            while True:
-                self._wait_writable(timeout, "send", len(data))
-                n = self._send_some(data, timeout)
-                if n or timeout == 0.0:
-                    return n
+            try:
+                while True:
+                    self._wait_writable(timeout, "send", len(data))
+                    n = self._send_some(data, timeout)
+                    if n or timeout == 0.0:
+                        return n
+            except OSError as exc:
+                raise self._closed_instead(exc, "sending") from exc
 
     def sendall(self, data: memoryview, timeout: float | None) -> None:
         """``socket.sendall``: take all of ``data`` (``timeout`` bounds each wait)."""
         sent = 0
         with self.lock:
-            while sent < len(data):
-                self._wait_writable(timeout, "sendall", len(data) - sent)
-                sent += self._send_some(data[sent:], timeout)
-                if sent < len(data) and self.lock.has_waiters:
-                    self.lock.relock()  # SDP_CONN_RELOCK: let a waiting thread in
+            try:
+                while sent < len(data):
+                    self._wait_writable(timeout, "sendall", len(data) - sent)
+                    sent += self._send_some(data[sent:], timeout)
+                    if sent < len(data) and self.lock.has_waiters:
+                        self.lock.relock()  # SDP_CONN_RELOCK: let a waiting thread in
+            except OSError as exc:
+                raise self._closed_instead(exc, "sending") from exc
+
+    def _closed_instead(self, exc: OSError, what: str) -> OSError:
+        """The error a call gets: EBADF if the socket was closed under it (by another
+        thread, as Linux reports a call on a closed fd), else ``exc`` itself."""
+        if self.closing and exc.errno != errno.EBADF:
+            return error_from_errno(errno.EBADF, f"socket closed while {what}")
+        return exc
 
     def _send_some(self, data: memoryview, timeout: float | None) -> int:
         """Post, cork or zero-copy as much of ``data`` as possible now (owner only)."""
         # Not for non-blocking calls: a zero-copy send must wait for the peer's read.
         if self.zcopy_threshold and len(data) >= self.zcopy_threshold and timeout != 0.0:
             if self.sp.cork is not None:  # corked bytes go first: the stream stays in order
-                self.wait(lambda: self.sp.cork is None or self._broken(), timeout, "send")
+                self.wait(lambda: self.sp.cork is None or self._stopped(), timeout, "send")
                 self._check_send()
             return self.zc.send(data, timeout)
         self._sent_since_recv = True
@@ -333,39 +354,52 @@ class Endpoint:
         if sp.free:
             self.conn.can_send_data()  # counts the stall
         # A writer waiting for credits or slots is throughput-bound: it naps.
-        self.engine.wait(lambda: ready() or self._broken(), timeout, what, nap=True)
+        self.engine.wait(lambda: ready() or self._stopped(), timeout, what, nap=True)
         self._check_send()
         if self.peer_gone:
             raise BrokenPipe(errno.EPIPE, "Broken pipe (peer disconnected)")
 
     def _broken(self) -> bool:
+        """The connection can carry nothing more (error, peer gone, torn down)."""
         return self.conn.error is not None or self.peer_gone or self.closed
 
+    def _stopped(self) -> bool:
+        """A user call must stop waiting: the connection broke or the socket was closed."""
+        return self.closing or self._broken()
+
     def _check_send(self) -> None:
+        if self.closing:
+            raise error_from_errno(errno.EBADF, "socket closed while sending")
         err = self.conn.error
         if err is not None:
             raise err
-        if self.closing or self.closed:
-            raise BrokenPipe(errno.EPIPE, "socket is closing")
 
     # ------------------------------------------------------------------ receiving
 
     def recv_into(self, out: memoryview, timeout: float | None) -> int:
         """``socket.recv_into``: wait for bytes, EOF or an error; 0 means EOF."""
         with self.lock:
-            if not self._recv_ready():
-                # A reader that sent nothing since its last wait is reading a stream
-                # (throughput: nap); one that did is waiting for a reply (latency: no nap).
-                nap, self._sent_since_recv = not self._sent_since_recv, False
-                self.engine.wait(self._recv_ready, timeout, "recv", nap=nap)
-            if self.conn.readable:
-                return self._recv_some(out)
-            err = self.conn.error
-            if err is not None and not self.conn.eof:
-                raise err
-            if self.closed:
-                raise error_from_errno(errno.EBADF, "socket closed while receiving")
-            return 0  # EOF (or peer gone after an orderly close)
+            try:
+                if not self._recv_ready():
+                    # A reader that sent nothing since its last wait is reading a stream
+                    # (throughput: nap); one that did is waiting for a reply (latency: no
+                    # nap).
+                    nap, self._sent_since_recv = not self._sent_since_recv, False
+                    self.engine.wait(self._recv_ready, timeout, "recv", nap=nap)
+                if self.closing:
+                    raise error_from_errno(errno.EBADF, "socket closed while receiving")
+                if self.conn.readable:
+                    return self._recv_some(out)
+                return self._recv_end()
+            except OSError as exc:
+                raise self._closed_instead(exc, "receiving") from exc
+
+    def _recv_end(self) -> int:
+        """Nothing queued and the wait is over: 0 (EOF, SHUT_RD) or the latched error."""
+        err = self.conn.error
+        if err is not None and not self.conn.eof and not self.rd_shut:
+            raise err
+        return 0  # EOF, shutdown(SHUT_RD), or peer gone after an orderly close
 
     def _recv_some(self, out: memoryview) -> int:
         """Copy queued bytes into ``out`` (owner only)."""
@@ -388,7 +422,7 @@ class Endpoint:
         return pos
 
     def _recv_ready(self) -> bool:
-        return self.conn.readable > 0 or self.conn.eof or self._broken()
+        return self.conn.readable > 0 or self.conn.eof or self.rd_shut or self._stopped()
 
     # ------------------------------------------------------------------ waiting
 
@@ -516,31 +550,91 @@ class Endpoint:
                 pass
         self._update_readiness()
 
-    def close(self, linger: float) -> None:
-        """Orderly close: DISCONN, wait for our sends to complete (bounded), tear down."""
+    def shutdown_read(self) -> None:
+        """``shutdown(SHUT_RD)``: ``recv`` returns the bytes already queued, then 0 without
+        waiting, as Linux's does; a thread blocked in ``recv`` wakes up with 0."""
         with self.lock:
-            if self.closed:
+            self.rd_shut = True
+            self._update_readiness()
+
+    def close(self, linger: float | None = None, background: float = 30.0) -> None:
+        """Close the socket; the connection delivers what was taken, then our EOF.
+
+        As TCP's ``close``, it does not wait by default (``linger`` None, ``SO_LINGER``
+        off): the queued bytes and DISCONN go out in the background, the completion thread
+        owning the connection until every send has completed or the peer is gone, for at
+        most ``background`` seconds (then it is aborted, as Linux kills an orphan socket).
+        ``linger`` 0 (``SO_LINGER`` on with 0 s) aborts at once: ABORT, the peer's next
+        call sees ECONNRESET, as with a TCP RST. ``linger`` > 0 waits up to that long for
+        the delivery, then goes on in the background. Threads blocked in this connection's
+        calls wake up with EBADF; a zero-copy send in progress aborts the connection (its
+        buffer is the caller's and must not stay exported).
+        """
+        with self.lock:
+            if self.closing or self.closed:
                 return
-            if self.conn.error is None and not self.peer_gone:
-                self._shutdown_write_owned()
-                # Every byte taken, then DISCONN, must be posted and complete before the QP
-                # goes, or queued bytes die (DISCONN and everything after it is signaled,
-                # so inflight empties). Bounded by linger.
-                self._wait_quiet(self._eof_done, linger)
             self.closing = True
+            healthy = self.conn.error is None and not self.peer_gone
+            if healthy and (linger == 0 or self.conn.zcopy_outstanding):
+                self.abort()
+                healthy = False
+            elif healthy:
+                self._shutdown_write_owned()
+                if linger:
+                    self._wait_quiet(self._eof_done, linger)
+            if healthy and not self._eof_done():
+                self._orphaned = True
+                self._orphan_deadline = time.monotonic() + background
+                _orphans.add(self, self._orphan_deadline)
+                progress().schedule(self._orphan_deadline, self._orphan_expired)
+                log.debug("qp%d: closed; delivering the rest in the background",
+                          self.res.qp_num)
+                return  # the leave hook arms now (eager): completions drive the rest
         progress().call(self._destroy)
 
+    def _orphan_step(self) -> None:
+        """A closed connection after a drain (owner, mostly the completion thread): drop
+        what the peer sent (nobody will read it, and its credits must flow back so that
+        it can take our EOF), and tear down once our EOF is delivered or the peer gone."""
+        if self.conn.readable and not self.conn.head_is_remote:
+            self.conn.consume(self.conn.readable)
+            self._repost()
+            self.sp.send_control()
+        if self._eof_done():
+            self._orphaned = False
+            progress().schedule(time.monotonic(), self._destroy)
+
+    def _orphan_expired(self) -> None:
+        """Completion thread: the background delivery ran out of time: abort."""
+        if self.closed or not self._orphaned:
+            return
+        if not self.lock.lock(timeout=0):
+            progress().schedule(time.monotonic() + 0.01, self._orphan_expired)
+            return
+        try:
+            log.warning("qp%d: closed connection still undelivered after its background "
+                        "time; aborting it (the peer does not read)", self.res.qp_num)
+            self.abort()
+            self._orphaned = False
+        finally:
+            self.lock.unlock()
+        self._destroy()
+
     def _destroy(self) -> None:
-        """On the completion thread: unregister, disconnect, free everything."""
+        """On the completion thread: unregister, disconnect, free everything.
+
+        Never waits behind a user call: a thread still inside (one woken by ``close`` on
+        its way out) makes it try again a moment later.
+        """
         if self.closed:
             return
-        p = progress()
-        p.remove_ticker(self._tick)
-        for fd in (self.res.send_fd, self.res.recv_fd, self.channel.fd):
-            p.unregister(fd)
-        with self.lock:
+        if not self.lock.lock(timeout=0):
+            progress().schedule(time.monotonic() + 0.002, self._destroy)
+            return
+        try:
             self.closed = True
             self.engine.closed = True
+            self._orphaned = False
             try:
                 self.cmid.disconnect()
             except Exception:
@@ -548,6 +642,12 @@ class Endpoint:
             self.res.to_error()
             if self.readiness is not None:
                 self.readiness.set(True, True)
+        finally:
+            self.lock.unlock()
+        p = progress()
+        p.remove_ticker(self._tick)
+        for fd in (self.res.send_fd, self.res.recv_fd, self.channel.fd):
+            p.unregister(fd)
         self._rview = memoryview(b"")
         self.sp.release_views()
         self.zc.close()
@@ -559,6 +659,7 @@ class Endpoint:
         self.channel.close()
         if self.readiness is not None:
             self.readiness.close()
+        _orphans.discard(self)
 
     # ------------------------------------------------------------------ MSG_PEEK
 
@@ -569,17 +670,20 @@ class Endpoint:
 
         def ready() -> bool:
             if waitall:
-                return self.conn.readable >= want or self.conn.eof or self._broken()
+                return self.conn.readable >= want or self.conn.eof or self.rd_shut \
+                    or self._stopped()
             return self._recv_ready()
 
         with self.lock:
-            self.engine.wait(ready, timeout, "recv")
-            if self.conn.readable:
-                return self.peek_into(out)
-            err = self.conn.error
-            if err is not None and not self.conn.eof:
-                raise err
-            return 0
+            try:
+                self.engine.wait(ready, timeout, "recv")
+                if self.closing:
+                    raise error_from_errno(errno.EBADF, "socket closed while receiving")
+                if self.conn.readable:
+                    return self.peek_into(out)
+                return self._recv_end()
+            except OSError as exc:
+                raise self._closed_instead(exc, "receiving") from exc
 
     def peek_into(self, out: memoryview) -> int:
         """Copy queued bytes into ``out`` without consuming them (owner only; MSG_PEEK).

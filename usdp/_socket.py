@@ -13,6 +13,7 @@ import contextlib
 import errno
 import io
 import socket as _stdsocket
+import struct as _struct
 import sys
 import threading
 import time
@@ -98,6 +99,7 @@ class SdpSocket:
         self._peer: _Address | None = None
         self._rd_shut = False
         self._wr_shut = False
+        self._so_linger: float | None = None  # SO_LINGER: None off, else seconds
         self._closed = False
         self._io_refs = 0
         self._sockopts: dict[tuple[int, int], int] = {}
@@ -289,7 +291,7 @@ class SdpSocket:
         if nbytes:
             mv = mv[:nbytes]
         timeout = self._recv_timeout(flags)
-        if not mv or self._rd_shut:
+        if not mv:
             return 0
         if flags & _MSG_PEEK:
             return self._recv_peek(ep, mv, timeout, bool(flags & _MSG_WAITALL))
@@ -469,8 +471,9 @@ class SdpSocket:
         ep = self._connected()
         if how not in (SHUT_RD, SHUT_WR, SHUT_RDWR):
             raise InvalidArgument(errno.EINVAL, "Invalid argument")
-        if how in (SHUT_RD, SHUT_RDWR):
+        if how in (SHUT_RD, SHUT_RDWR) and not self._rd_shut:
             self._rd_shut = True
+            ep.shutdown_read()
         if how in (SHUT_WR, SHUT_RDWR) and not self._wr_shut:
             self._wr_shut = True
             ep.shutdown_write()
@@ -491,7 +494,7 @@ class SdpSocket:
             ep, self._ep = self._ep, None
             lst, self._listener = self._listener, None
         if ep is not None:
-            ep.close(self._opts.linger)
+            ep.close(self._so_linger, self._opts.linger)
         if lst is not None:
             lst.close()
 
@@ -542,10 +545,13 @@ class SdpSocket:
             if self._ep is not None:
                 self._ep.set_busy_poll(self._opts.busy_poll)
             return
+        if level == _stdsocket.SOL_SOCKET and optname == _stdsocket.SO_LINGER:
+            self._so_linger = _parse_linger(value)
+            return
         # Accepted for compatibility; address reuse is the CM's business.
         self._sockopts[(level, optname)] = int(value) if not isinstance(value, bytes) else 0
 
-    def getsockopt(self, level: int, optname: int, buflen: int | None = None) -> int:
+    def getsockopt(self, level: int, optname: int, buflen: int | None = None) -> int | bytes:
         self._check_open()
         if level == _stdsocket.SOL_SOCKET and optname == _stdsocket.SO_TYPE:
             _refuse_ssl_wrap()
@@ -567,11 +573,28 @@ class SdpSocket:
             return int(self._opts.nodelay)
         if level == _stdsocket.SOL_SOCKET and optname == _SO_BUSY_POLL:
             return round(self._opts.busy_poll * 1e6)
+        if level == _stdsocket.SOL_SOCKET and optname == _stdsocket.SO_LINGER:
+            on, secs = self._so_linger is not None, round(self._so_linger or 0)
+            return _struct.pack("ii", on, secs) if buflen else int(on)
         return self._sockopts.get((level, optname), 0)
 
     def stats(self) -> dict[str, int]:
         """Counters of the progress engine, the lock and the protocol."""
         return self._connected().stats()
+
+
+def _parse_linger(value: Any) -> float | None:
+    """``SO_LINGER``'s ``struct linger`` (``struct.pack("ii", onoff, seconds)``) or an int
+    (``onoff`` alone, 0 s): None when off, else the seconds ``close`` may block."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        if len(value) < 8:
+            raise InvalidArgument(errno.EINVAL, "SO_LINGER needs struct linger (8 bytes)")
+        on, secs = _struct.unpack("ii", bytes(value[:8]))
+    else:
+        on, secs = int(value), 0
+    if secs < 0:
+        raise InvalidArgument(errno.EINVAL, "SO_LINGER: negative seconds")
+    return float(secs) if on else None
 
 
 def _refuse_ssl_wrap() -> None:
