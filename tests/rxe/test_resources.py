@@ -14,6 +14,7 @@ import time
 
 import usdp
 from tests.rxe.helpers import TIMEOUT, client, server
+from usdp import _orphans
 from usdptools.testbed.rxe import rdma_resources
 
 
@@ -121,7 +122,9 @@ def test_receivers_that_never_read_bound_the_senders(host_a: str, port: int) -> 
         for s in clients + accepted:
             s.close()
         lst.close()
-    after = _snapshot()
+    # close() returns at once; the connections finish delivering in the background.
+    assert _orphans.wait_all(TIMEOUT), "closed connections never went away"
+    after = _settled_snapshot()
     print(f"\n{conns} never-reading receivers: queued {min(sizes)}-{max(sizes)} B each "
           f"(window {window} B); resources {base} -> during {during} -> after {after}")
     assert during["qp"] - base["qp"] == 2 * conns and during["cm_id"] > base["cm_id"]
