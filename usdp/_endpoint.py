@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import logging
 import time
+import weakref
 from typing import Any
 
 from usdp import _cm, _orphans
@@ -586,7 +587,10 @@ class Endpoint:
                 self._orphaned = True
                 self._orphan_deadline = time.monotonic() + background
                 _orphans.add(self, self._orphan_deadline)
-                progress().schedule(self._orphan_deadline, self._orphan_expired)
+                # A weak reference: a timer must not keep a torn-down connection's
+                # objects alive until its deadline (``_orphans`` holds it meanwhile).
+                ref = weakref.ref(self)
+                progress().schedule(self._orphan_deadline, lambda: _expire(ref))
                 log.debug("qp%d: closed; delivering the rest in the background",
                           self.res.qp_num)
                 return  # the leave hook arms now (eager): completions drive the rest
@@ -703,3 +707,10 @@ class Endpoint:
             out[pos : pos + c.length] = rview[src : src + c.length]
             pos += c.length
         return pos
+
+
+def _expire(ref: weakref.ref[Endpoint]) -> None:
+    """A closed connection's background time ran out (if it still exists)."""
+    ep = ref()
+    if ep is not None:
+        ep._orphan_expired()

@@ -15,6 +15,7 @@ import time
 import usdp
 from tests.rxe.helpers import TIMEOUT, client, server
 from usdp import _orphans
+from usdp._engine import _wake_fd
 from usdptools.testbed.rxe import rdma_resources
 
 
@@ -65,6 +66,7 @@ def test_receivers_that_never_read_bound_the_senders(host_a: str, port: int) -> 
     conns = 24
     opts = usdp.Options(ack_timeout=1.0)  # would reset a stalled-but-alive peer if wrong
     _warm_up(host_a, port + 1)
+    _wake_fd()  # this thread's wake fd (kept for its lifetime) is part of the baseline
     base = _settled_snapshot()
     lst = usdp.SdpSocket(options=opts)
     lst.bind((host_a, port))
@@ -148,13 +150,12 @@ def test_open_close_cycles_release_everything(host_a: str, port: int) -> None:
     run(20)  # warm up: the device context, the completion thread, allocator pools
     # A thread that ever slept on a connection keeps one eventfd for its lifetime (the
     # engine's wake fd, per thread, not per connection): make sure ours exists.
-    from usdp._engine import _wake_fd
-
     _wake_fd()
     base, rss = _settled_snapshot(), _rss_kib()
     t0 = time.monotonic()
     run(cycles)
     secs = time.monotonic() - t0
+    assert _orphans.wait_all(TIMEOUT), "closed connections never went away"
     after, rss_after = _settled_snapshot(), _rss_kib()
     print(f"\n{cycles} open/close cycles in {secs:.1f} s: {base} -> {after}, RSS {rss} -> "
           f"{rss_after} KiB ({(rss_after - rss) / cycles:.2f} KiB per cycle)")
