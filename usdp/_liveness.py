@@ -7,11 +7,22 @@ that sees no send-queue progress for ``ack_timeout`` seconds declares the peer d
 the peer's kernel has to acknowledge, never its program: a peer that does not read is
 alive.
 
-The watchdog can only see signaled work, so it asks for a probe (a signaled KEEPALIVE)
-when nothing signaled is outstanding but something should be checked: after
-``keepalive`` seconds of silence from the peer, and after a burst of sends that ended
-unsignaled and was not followed by anything. (The endpoint also signals the last send
-before it waits for credits or send slots, so a blocked sender is always covered.)
+The watchdog can only see signaled work, so it asks for a probe when nothing signaled
+is outstanding but something should be checked: after ``keepalive`` seconds of silence
+from the peer, after a burst of sends that ended unsignaled and was not followed by
+anything, and, every :attr:`AckWatch.probe_interval`, while data waits to go and the
+peer must act first (a sender out of credits, TCP's zero window). The last send before a
+wait for credits is signaled, but once the peer's HCA acknowledged it nothing is
+outstanding, and a peer that died after that would never be noticed: this is TCP's
+persist timer, with ``ack_timeout`` as its TCP_USER_TIMEOUT.
+
+A probe is one of two things (:meth:`AckWatch.probe_means`): a signaled KEEPALIVE frame,
+which the peer's program hears too but which needs a credit and a send slot, or a
+zero-length RDMA READ, which the peer's HCA answers with no receive buffer, hence no
+credit, and no memory of the peer's (rkey 0: IB spec C9-88, a zero-length RDMA operation
+need not validate the R_Key; measured on rxe by ``experiments/zero_length_probe.py``).
+A sender waiting for credits always uses the READ: a frame would spend the credit its
+data waits for.
 
 Pure logic: the caller passes the time and reports posts, completions and frames heard;
 :meth:`AckWatch.check` says what to do. The endpoint calls it from the completion
@@ -24,12 +35,21 @@ import enum
 
 #: A burst that ended unsignaled is probed after min(TAIL_PROBE_MAX, ack_timeout / 4).
 TAIL_PROBE_MAX = 1.0
+#: A stalled sender probes every min(PROBE_INTERVAL_MAX, ack_timeout / 2) seconds after
+#: the last send-queue progress, so a dead peer is reported at most
+#: ``ack_timeout + probe_interval`` (plus a tick) after the last acknowledgement.
+PROBE_INTERVAL_MAX = 1.0
 
 
 class Verdict(enum.Enum):
     OK = "ok"
-    PROBE = "probe"  # post a signaled KEEPALIVE, if credits and a send slot allow
+    PROBE = "probe"  # post a probe (see AckWatch.probe_means), then call probed()
     DEAD = "dead"  # no acknowledgement for ack_timeout: fail the connection
+
+
+class Probe(enum.Enum):
+    FRAME = "frame"  # a signaled KEEPALIVE frame: needs a credit and a send slot
+    READ = "read"  # a signaled zero-length RDMA READ: answered by the peer's HCA alone
 
 
 class AckWatch:
@@ -42,6 +62,7 @@ class AckWatch:
         "last_post",
         "outstanding",
         "since",
+        "stalled",
         "tail",
     )
 
@@ -53,11 +74,19 @@ class AckWatch:
         self.tail = False  # the last post was unsignaled
         self.last_post = now
         self.last_heard = now  # a frame arrived, or a keepalive probe went out
+        # Data waits to go and only the peer can unblock it (no credits): set by the
+        # caller before each check.
+        self.stalled = False
 
     @property
     def active(self) -> bool:
         """Whether ticks can do anything (else the caller need not tick)."""
         return self.ack_timeout > 0 or self.keepalive > 0
+
+    @property
+    def probe_interval(self) -> float:
+        """Seconds between probes of a stalled sender (0 when the watchdog is off)."""
+        return min(PROBE_INTERVAL_MAX, self.ack_timeout / 2)
 
     def posted(self, now: float, signaled: bool) -> None:
         self.last_post = now
@@ -83,7 +112,8 @@ class AckWatch:
         self.last_heard = now
 
     def probed(self, now: float) -> None:
-        """A keepalive probe was posted (it counts as heard: one probe per interval)."""
+        """A PROBE verdict was acted on (it counts as heard: one keepalive probe per
+        interval). Call it also when :meth:`probe_means` said None."""
         self.last_heard = now
 
     def check(self, now: float) -> Verdict:
@@ -91,7 +121,25 @@ class AckWatch:
             return Verdict.DEAD
         if self.keepalive and now - self.last_heard >= self.keepalive:
             return Verdict.PROBE
-        if self.ack_timeout and self.tail and not self.outstanding \
-                and now - self.last_post >= min(TAIL_PROBE_MAX, self.ack_timeout / 4):
-            return Verdict.PROBE
+        if self.ack_timeout and not self.outstanding:
+            if self.tail and now - self.last_post >= min(TAIL_PROBE_MAX,
+                                                         self.ack_timeout / 4):
+                return Verdict.PROBE
+            if self.stalled and now - self.since >= self.probe_interval:
+                return Verdict.PROBE  # the persist timer: a zero window is probed
         return Verdict.OK
+
+    def probe_means(self, frame_ok: bool) -> Probe | None:
+        """How to act on PROBE. ``frame_ok``: a credit and a send slot would carry a
+        KEEPALIVE frame now.
+
+        A frame when it can go (the peer's program hears it too), unless a sender is
+        stalled (its data needs the credit). Otherwise the credit-free READ, but only
+        when nothing signaled is outstanding: outstanding work is already watched, and so
+        at most one READ probe is ever in flight. None: nothing to post.
+        """
+        if frame_ok and not self.stalled:
+            return Probe.FRAME
+        if not self.outstanding:
+            return Probe.READ
+        return None
