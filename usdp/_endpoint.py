@@ -35,12 +35,12 @@ from usdp._errors import (
     error_from_errno,
     from_wc,
 )
-from usdp._liveness import AckWatch, Verdict
+from usdp._liveness import AckWatch, Probe, Verdict
 from usdp._progress import progress
 from usdp._readiness import Readiness
 from usdp._sendpath import SendPath
 from usdp._signaling import SignalPolicy
-from usdp._verbs import READ_WR_ID, WC_FLUSH, WC_SUCCESS, QPResources
+from usdp._verbs import PROBE_WR_ID, READ_WR_ID, WC_FLUSH, WC_SUCCESS, QPResources
 from usdp._wire import Params
 from usdp._zcopy import Zcopy
 
@@ -69,6 +69,9 @@ class Endpoint:
         self.zcopy_threshold = zcopy_threshold if params.zcopy else 0
         self.liveness = AckWatch(time.monotonic(), ack_timeout)  # see _tick
         self._ticking = False
+        self._probing = False  # the zero-length READ probe is posted and not completed
+        self._probes = 0  # READ probes posted (stats: "probes")
+        self._send_waits = 0  # user calls waiting in _wait_writable (for the peer)
         self.conn = Connection(params)
         policy = SignalPolicy(every=max(1, min(signal_every, res.send_ring.count)))
         self.sp = SendPath(res, self.conn, self.liveness, policy, fail=self._fail,
@@ -201,6 +204,19 @@ class Endpoint:
 
     def _on_send_wc(self, wc: Any) -> None:
         self._send_completions += 1
+        if wc.wr_id == PROBE_WR_ID:
+            # The liveness probe: answered by the peer's HCA (SUCCESS). Flushed when the
+            # QP went to error for a reason found elsewhere (our close, a reset): never a
+            # cause of its own. Any other status fails the connection, as a send's does
+            # (the QP is in error by now anyway).
+            self._probing = False
+            self.liveness.completed(time.monotonic())
+            if wc.status == WC_FLUSH:
+                self._on_flush()
+            elif wc.status != WC_SUCCESS and not (self.closing or self.closed) \
+                    and self.conn.error is None:
+                self._fail(from_wc(wc.status, "liveness probe (zero-length RDMA read)"))
+            return
         if wc.wr_id == READ_WR_ID:
             self.liveness.completed(time.monotonic())
             self.zc.on_read_wc(wc)
@@ -255,37 +271,66 @@ class Endpoint:
     def _tick(self, now: float) -> None:
         """Completion thread, every TICK: act on the liveness verdict (``_liveness``).
 
-        DEAD fails the connection with ECONNRESET, waking every waiter; PROBE posts a
-        signaled KEEPALIVE, unless credits or send slots lack (then the last send before
-        they ran out was signaled, so the watchdog already covers it). Takes the
-        connection only if nobody holds it: a user call in progress means traffic.
+        DEAD fails the connection with ECONNRESET, waking every waiter. PROBE posts a
+        signaled KEEPALIVE frame if a credit and a send slot allow and no sender is
+        stalled, else the credit-free zero-length RDMA READ (``_liveness.probe_means``).
+        A sender waiting for credits, or data queued without one, is "stalled": probed
+        every ``probe_interval`` (TCP's persist timer), so a peer that died after
+        acknowledging our last frame is still found. Takes the connection only if nobody
+        holds it: a user call in progress means traffic; while a READ probe is out it
+        does so every tick, to poll its completion (nobody arms the send CQ for it).
         """
         if self.closed or self.conn.error is not None or self.peer_gone:
             self._ticking = False
             progress().remove_ticker(self._tick)
             return
-        verdict = self.liveness.check(now)
-        if verdict is Verdict.OK or not self.lock.lock(timeout=0):
+        lv, conn, sp = self.liveness, self.conn, self.sp
+
+        def stalled() -> bool:
+            queued = sp.cork is not None or self._eof_pending or conn.disconn_pending
+            return self._send_waits > 0 or (queued and not conn.data_credit_ok())
+
+        lv.stalled = stalled()  # unlocked: a hint, judged again below as the owner
+        verdict = lv.check(now)
+        if (verdict is Verdict.OK and not self._probing) or not self.lock.lock(timeout=0):
             return
         try:
             # Completions may sit unpolled in an un-armed CQ (the owner polls, and nobody
             # was inside): look before judging the peer.
             self.engine.poll_all()
-            verdict = self.liveness.check(now)
-            if verdict is Verdict.OK or self.conn.error is not None:
+            lv.stalled = stalled()
+            verdict = lv.check(now)
+            if verdict is Verdict.OK or conn.error is not None:
                 return
             if verdict is Verdict.DEAD:
+                try:
+                    host, port = _cm.peer_addr(self.cmid)[:2]
+                    peer = f"{host}:{port}"
+                except Exception:
+                    peer = "the peer"
                 self._fail(ConnectionReset(
                     errno.ECONNRESET, f"connection reset: no acknowledgement from the peer "
-                    f"for {self.liveness.ack_timeout:g} s (peer or link down)"))
+                    f"({peer}) for {lv.ack_timeout:g} s (peer or link down"
+                    f"{'; probed while waiting for credits' if lv.stalled else ''})"))
                 self._update_readiness()
                 if self._orphaned:
                     self._orphan_step()
                 return
-            h = self.conn.keepalive_header() if self.sp.free else None
+            lv.probed(now)
+            means = lv.probe_means(frame_ok=bool(sp.free) and conn.data_credit_ok())
+            h = conn.keepalive_header() if means is Probe.FRAME else None
             if h is not None:
-                self.liveness.probed(now)
-                self.sp.post_frame(h, None, control=True)
+                sp.post_frame(h, None, control=True)
+            elif means is Probe.READ and not self._probing:
+                lv.posted(now, signaled=True)
+                self._probing = True
+                self._probes += 1
+                try:
+                    self.res.post_probe()
+                except UsdpError:
+                    self._probing = False
+                    lv.unposted(signaled=True)
+                    raise
         except UsdpError as exc:
             self._fail(exc)
         finally:
@@ -354,8 +399,13 @@ class Endpoint:
             return
         if sp.free:
             self.conn.can_send_data()  # counts the stall
-        # A writer waiting for credits or slots is throughput-bound: it naps.
-        self.engine.wait(lambda: ready() or self._stopped(), timeout, what, nap=True)
+        # A writer waiting for credits or slots is throughput-bound: it naps. While it
+        # waits for the peer, the ticker probes the peer (``_tick``: a stalled sender).
+        self._send_waits += 1
+        try:
+            self.engine.wait(lambda: ready() or self._stopped(), timeout, what, nap=True)
+        finally:
+            self._send_waits -= 1
         self._check_send()
         if self.peer_gone:
             raise BrokenPipe(errno.EPIPE, "Broken pipe (peer disconnected)")
@@ -492,6 +542,7 @@ class Endpoint:
             "send_completions": self._send_completions,
             "cm_events": self._cm_events,
             "credit_stalls": cs.credit_stalls,
+            "probes": self._probes,
             "credit_updates_sent": cs.credit_updates_sent,
             "frames_in": cs.frames_in,
             "frames_out": cs.frames_out,

@@ -224,6 +224,8 @@ class UserMR:
 
 #: wr_id of the (single) outstanding RDMA read; send slots use 0..count-1.
 READ_WR_ID = 1 << 40
+#: wr_id of the (single) outstanding liveness probe, a zero-length RDMA READ.
+PROBE_WR_ID = READ_WR_ID + 1
 
 
 class QPResources:
@@ -244,6 +246,8 @@ class QPResources:
             # A full CQ silently drops completions on rxe: size each for every WR it can see.
             self.send_cq = CQ(ctx, send_count + 8, None, self.send_comp, 0)
             self.recv_cq = CQ(ctx, recv_count + 8, None, self.recv_comp, 0)
+            # Room beyond the send slots for the RDMA read and the liveness probe (at most
+            # one of each outstanding), and spare.
             cap = QPCap(max_send_wr=send_count + 4, max_recv_wr=recv_count,
                         max_send_sge=1, max_recv_sge=1)
             init = QPInitAttr(qp_type=e.IBV_QPT_RC, scq=self.send_cq, rcq=self.recv_cq,
@@ -279,6 +283,13 @@ class QPResources:
         self._read_wr = SendWR(wr_id=READ_WR_ID, opcode=e.IBV_WR_RDMA_READ, num_sge=1,
                                sg=[self._read_sge], send_flags=e.IBV_SEND_SIGNALED)
         self._read_wr.sg_list = self._read_sge
+        # The liveness probe: a zero-length RDMA READ of the peer's address 0, rkey 0,
+        # into nothing (pyverbs 44 refuses a WR without SGEs: one of length 0).
+        self._probe_sge = SGE(self.send_ring.addr, 0, self.send_ring.lkey)
+        self._probe_wr = SendWR(wr_id=PROBE_WR_ID, opcode=e.IBV_WR_RDMA_READ, num_sge=1,
+                                sg=[self._probe_sge], send_flags=e.IBV_SEND_SIGNALED)
+        self._probe_wr.sg_list = self._probe_sge
+        self._probe_wr.set_wr_rdma(0, 0)
         self.qp_num: int = self.qp.qp_num
 
     # ------------------------------------------------------------------ QP states
@@ -340,6 +351,21 @@ class QPResources:
         except PyverbsRDMAError as exc:
             raise verbs_error(exc, "posting an RDMA read") from exc
 
+    def post_probe(self) -> None:
+        """Post the liveness probe: a signaled zero-length RDMA READ (``PROBE_WR_ID``).
+
+        It needs no credit (the peer's HCA answers it; no receive buffer is consumed) and
+        no memory of the peer's: IB spec C9-88 lets a zero-length RDMA operation skip the
+        R_Key check, so rkey 0 at address 0 is fine. It does need remote read access on
+        the peer's QP, which every usdp QP grants (``modify``, INIT); measured on rxe 6.1
+        by ``experiments/zero_length_probe.py`` (a zero-length WRITE would need remote
+        write access, which usdp never grants). The caller keeps at most one outstanding.
+        """
+        try:
+            self.qp.post_send(self._probe_wr)
+        except PyverbsRDMAError as exc:
+            raise verbs_error(exc, "posting a liveness probe") from exc
+
     # ------------------------------------------------------------------ CQs
 
     @staticmethod
@@ -391,12 +417,13 @@ class QPResources:
         # Free the C memory pyverbs 44 would leak (once: closing twice is a double free).
         # A send WR's close() frees its SGE's struct too, so the SGEs are not closed.
         wrs = getattr(self, "_recv_wrs", []) + getattr(self, "_send_wrs", [])
-        if getattr(self, "_read_wr", None) is not None:
-            wrs.append(self._read_wr)
+        for name in ("_read_wr", "_probe_wr"):
+            if getattr(self, name, None) is not None:
+                wrs.append(getattr(self, name))
         for wr in wrs:
             wr.close()
         self._recv_wrs, self._send_wrs, self._send_sges = [], [], []
-        self._read_wr = None
+        self._read_wr = self._probe_wr = None
         for ring in ("recv_ring", "send_ring"):
             r = getattr(self, ring, None)
             if r is not None:
