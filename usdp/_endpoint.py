@@ -207,14 +207,14 @@ class Endpoint:
         if wc.wr_id == PROBE_WR_ID:
             # The liveness probe: answered by the peer's HCA (SUCCESS). Flushed when the
             # QP went to error for a reason found elsewhere (our close, a reset): never a
-            # cause of its own. Any other status fails the connection, as a send's does
-            # (the QP is in error by now anyway).
+            # cause of its own (``_on_flush`` looks for the cause, and says nothing once
+            # we are closing). Any other status fails the connection as a send's does
+            # (the QP is in error by now anyway), unless an error is latched already.
             self._probing = False
             self.liveness.completed(time.monotonic())
             if wc.status == WC_FLUSH:
                 self._on_flush()
-            elif wc.status != WC_SUCCESS and not (self.closing or self.closed) \
-                    and self.conn.error is None:
+            elif wc.status != WC_SUCCESS and self.conn.error is None and not self.closed:
                 self._fail(from_wc(wc.status, "liveness probe (zero-length RDMA read)"))
             return
         if wc.wr_id == READ_WR_ID:
@@ -274,9 +274,10 @@ class Endpoint:
         DEAD fails the connection with ECONNRESET, waking every waiter. PROBE posts a
         signaled KEEPALIVE frame if a credit and a send slot allow and no sender is
         stalled, else the credit-free zero-length RDMA READ (``_liveness.probe_means``).
-        A sender waiting for credits, or data queued without one, is "stalled": probed
-        every ``probe_interval`` (TCP's persist timer), so a peer that died after
-        acknowledging our last frame is still found. Takes the connection only if nobody
+        A sender waiting for credits or for the peer's read of a zero-copy buffer, or
+        data queued without a credit, is "stalled": probed every ``probe_interval``
+        (TCP's persist timer), so a peer that died after acknowledging our last frame is
+        still found. Takes the connection only if nobody
         holds it: a user call in progress means traffic; while a READ probe is out it
         does so every tick, to poll its completion (nobody arms the send CQ for it).
         """
@@ -287,8 +288,11 @@ class Endpoint:
         lv, conn, sp = self.liveness, self.conn, self.sp
 
         def stalled() -> bool:
+            # A zero-copy send waits for the peer's RDMA read of our buffer: nothing of
+            # ours is outstanding then either.
             queued = sp.cork is not None or self._eof_pending or conn.disconn_pending
-            return self._send_waits > 0 or (queued and not conn.data_credit_ok())
+            return self._send_waits > 0 or conn.zcopy_outstanding \
+                or (queued and not conn.data_credit_ok())
 
         lv.stalled = stalled()  # unlocked: a hint, judged again below as the owner
         verdict = lv.check(now)
@@ -311,7 +315,7 @@ class Endpoint:
                 self._fail(ConnectionReset(
                     errno.ECONNRESET, f"connection reset: no acknowledgement from the peer "
                     f"({peer}) for {lv.ack_timeout:g} s (peer or link down"
-                    f"{'; probed while waiting for credits' if lv.stalled else ''})"))
+                    f"{'; a liveness probe went unanswered' if self._probing else ''})"))
                 self._update_readiness()
                 if self._orphaned:
                     self._orphan_step()

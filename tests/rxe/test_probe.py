@@ -161,3 +161,48 @@ def test_sendall_blocked_on_credits_fails_when_the_link_goes_down(host_b: HostB,
         host_b.wait(pid, 30)
         sender.thread.join(TIMEOUT)
         s.close()
+
+
+def test_a_zero_copy_send_waiting_for_the_peer_is_probed(host_a: str, port: int) -> None:
+    """One host, zero-copy: the server does not read, so the client's SrcAvail waits for
+    its RDMA read with nothing of ours outstanding; the client probes meanwhile (not
+    declared dead), then the server reads and the bytes arrive intact."""
+    opts = usdp.Options(zcopy_threshold=64 * 1024, ack_timeout=2.0)
+    data = os.urandom(1 << 20)
+    go = threading.Event()
+    got: list[str] = []
+
+    def late_reader(conn: usdp.SdpSocket) -> None:
+        conn.settimeout(TIMEOUT)
+        assert go.wait(TIMEOUT)
+        h = hashlib.sha256()
+        n = 0
+        buf = bytearray(1 << 20)
+        while n < len(data):
+            k = conn.recv_into(buf)
+            assert k, f"EOF after {n} bytes"
+            h.update(memoryview(buf)[:k])
+            n += k
+        got.append(h.hexdigest())
+
+    with server(host_a, port, late_reader, options=opts) as errors, \
+            client(host_a, port, opts) as s:
+        s.settimeout(None)
+        ep = s._ep
+        assert ep is not None
+        sender = _Sender(s, data)
+        try:
+            _wait_for(lambda: s.stats()["zcopy_sends"] >= 1 and ep.liveness.outstanding == 0,
+                      "the SrcAvail to be acknowledged")
+            before = s.stats()["probes"]
+            _wait_for(lambda: s.stats()["probes"] >= before + 3 or not sender.thread.is_alive(),
+                      "three probes of the waiting zero-copy sender")
+            assert sender.thread.is_alive() and sender.error is None, sender.error
+        finally:
+            go.set()
+            sender.thread.join(TIMEOUT)
+        assert not sender.thread.is_alive()
+        assert sender.error is None, repr(sender.error)
+        assert s.stats()["zcopy_bytes_out"] == len(data)
+    assert not errors, errors
+    assert got == [hashlib.sha256(data).hexdigest()]
