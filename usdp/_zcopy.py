@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -43,6 +44,10 @@ DIRECT_READ_MIN = 64 * 1024
 #: a live peer declared dead. Each chunk's completion counts as progress; 1 MiB keeps the
 #: per-READ overhead small next to the copy and completes in milliseconds even on rxe.
 READ_CHUNK = 1 << 20
+#: RDMA reads a blocking direct read keeps posted: the next one is queued on the QP
+#: while this thread handles the last completion (the CM's initiator depth is 1, so the
+#: HCA still runs them one after the other).
+READS_IN_FLIGHT = 2
 #: The registered buffer that small and non-blocking reads land in: one READ_CHUNK.
 BOUNCE_SIZE = READ_CHUNK
 
@@ -65,9 +70,9 @@ class Zcopy:
         self.res, self.conn, self.sendpath, self.liveness = res, conn, sendpath, liveness
         self._wait, self._fail, self._abort, self._peer_gone = wait, fail, abort, peer_gone
         self.read_status: int | None = None  # of the last RDMA read, once done
-        self.reading = False  # an RDMA read is posted and its completion not yet seen
-        self._chunk: RemoteChunk | None = None  # what the read in flight reads
-        self._staging = False  # ... into the bounce buffer (not a caller's buffer)
+        # RDMA reads posted and not completed, in order (RC completes them in order):
+        # what each reads, and whether into the bounce buffer (else a caller's buffer).
+        self._inflight: deque[tuple[RemoteChunk, bool]] = deque()
         self._direct = False  # a blocking direct read (several chunks) is under way
         self._staged_off = self._staged_end = 0  # read bounce bytes not yet handed out
         self._bounce: Ring | None = None
@@ -109,6 +114,16 @@ class Zcopy:
             mr.close()
 
     # ------------------------------------------------------------------ receiving
+
+    @property
+    def reading(self) -> bool:
+        """An RDMA read is posted and its completion not yet seen."""
+        return bool(self._inflight)
+
+    @property
+    def _staging(self) -> bool:
+        """The read in flight reads into the bounce buffer."""
+        return bool(self._inflight) and self._inflight[-1][1]
 
     @property
     def staged(self) -> int:
@@ -176,9 +191,8 @@ class Zcopy:
         assert chunk is not None
         if self._bounce is None:
             self._bounce = Ring(self.res.dev, 1, BOUNCE_SIZE, ACCESS_LOCAL_WRITE)
-        self._staging = True
         self._staged_off = self._staged_end = 0
-        self._post_read(self._bounce.addr, chunk.length, self._bounce.lkey, chunk)
+        self._post_read(self._bounce.addr, chunk.length, self._bounce.lkey, chunk, True)
         return True
 
     def _take_staged(self, out: memoryview) -> int:
@@ -191,47 +205,57 @@ class Zcopy:
         return n
 
     def _read_direct(self, out: memoryview) -> int:
-        """RDMA-read straight into ``out``, one ``READ_CHUNK`` at a time (blocking)."""
+        """RDMA-read straight into ``out`` (blocking), in ``READ_CHUNK`` reads with up to
+        ``READS_IN_FLIGHT`` posted at once, so the next one starts without waiting for
+        this thread to see the last one complete."""
         conn = self.conn
         n = min(len(out), conn.remote_available)
         # Registered for this call only: a cached registration would keep the caller's
         # buffer exported (pinned), and a bytearray could then not be resized.
         dest = UserMR(self.res.dev, out[:n], ACCESS_LOCAL_WRITE)
         self._direct = True
+        inflight = self._inflight
         try:
-            pos = 0
-            while pos < n:
-                chunk = conn.consume_remote(min(READ_CHUNK, n - pos))
-                assert chunk is not None
-                self._post_read(dest.addr + pos, chunk.length, dest.lkey, chunk)
-                self._wait_read(None)
+            posted = 0
+            while True:
+                while len(inflight) < READS_IN_FLIGHT and posted < n:
+                    chunk = conn.consume_remote(min(READ_CHUNK, n - posted))
+                    assert chunk is not None
+                    self._post_read(dest.addr + posted, chunk.length, dest.lkey, chunk, False)
+                    posted += chunk.length
+                if not inflight:
+                    break
+                self._wait(self._one_completes(), None)
                 self._check_read()
-                pos += chunk.length
         finally:
             self._direct = False
             dest.close()
         return n
 
+    def _one_completes(self) -> Callable[[], bool]:
+        """A wait predicate: one more of the reads in flight has completed (or failed)."""
+        k, inflight, conn = len(self._inflight), self._inflight, self.conn
+        return lambda: len(inflight) < k or conn.error is not None
+
     def rdma_read(self, laddr: int, length: int, lkey: int, rkey: int, raddr: int,
                   timeout: float | None) -> None:
         """One RDMA read of raw addresses, waited for (owner only; tests use it to read
         outside what was advertised); failures latch and raise."""
-        self._post_read(laddr, length, lkey, RemoteChunk(rkey, raddr, length, 0))
+        self._post_read(laddr, length, lkey, RemoteChunk(rkey, raddr, length, 0), False)
         self._wait_read(timeout)
         self._check_read()
 
-    def _post_read(self, laddr: int, length: int, lkey: int, chunk: RemoteChunk) -> None:
+    def _post_read(self, laddr: int, length: int, lkey: int, chunk: RemoteChunk,
+                   staging: bool) -> None:
         """Post one RDMA read of ``chunk``; its completion is :meth:`on_read_wc`. A post
         that fails latches: the bytes are already taken from the stream."""
         self.read_status = None
         try:
             self.res.post_read(laddr, length, lkey, chunk.rkey, chunk.vaddr)
         except UsdpError as exc:
-            self._staging = False
             self._fail(exc)
             raise
-        self._chunk = chunk
-        self.reading = True
+        self._inflight.append((chunk, staging))
         self.reads += 1
         self.liveness.posted(time.monotonic(), True)
 
@@ -259,16 +283,15 @@ class Zcopy:
 
     def on_read_wc(self, wc: Any) -> None:
         """The completion of our RDMA read (on whichever thread drains the send CQ)."""
-        self.reading = False
         self.read_status = wc.status
-        chunk, self._chunk = self._chunk, None
-        staging, self._staging = self._staging, False
+        if not self._inflight:  # pragma: no cover - every READ completion was posted
+            return
+        chunk, staging = self._inflight.popleft()
         if wc.status != WC_SUCCESS:
             self._fail(self._read_error(wc.status))
             return
-        if chunk is not None:
-            self.conn.remote_read_done(chunk)  # RdmaRdCompl may go once the last is read
-        if staging and chunk is not None:
+        self.conn.remote_read_done(chunk)  # RdmaRdCompl may go once the last is read
+        if staging:
             self._staged_off, self._staged_end = 0, chunk.length
 
     def _read_error(self, status: int) -> UsdpError:

@@ -214,11 +214,11 @@ def test_out_of_range_read_fails(host_a: str, port: int) -> None:
 
 
 def test_long_zero_copy_read_is_split_into_chunks(host_a: str, port: int) -> None:
-    """Issue 11 item 8: one SrcAvail of ~48 MiB read into one large buffer. As a single RDMA
-    READ it would stay unacknowledged longer than the receiver's 1 s ack_timeout at rxe
-    speeds and the watchdog would reset a healthy connection; in READ_CHUNK pieces each
-    completion counts as progress."""
-    size = (48 << 20) + 12345
+    """Issue 11 item 8: one SrcAvail of ~96 MiB read into one large buffer. As a single RDMA
+    READ it stays unacknowledged longer than the receiver's 1 s ack_timeout on rxe in the
+    test VM (about 2 s), and the watchdog resets a healthy connection; in READ_CHUNK
+    pieces each completion counts as progress."""
+    size = (96 << 20) + 12345
     data = random.Random(8).randbytes(size)
     got: dict[str, Any] = {}
     ropts = usdp.Options(zcopy_threshold=64 * 1024, ack_timeout=1.0)
