@@ -313,3 +313,38 @@ def test_asyncio_reader_gets_a_zero_copy_transfer(host_a: str, port: int) -> Non
     # Staged through the bounce buffer, one READ_CHUNK per READ (a direct read per
     # 256 KiB recv would be 33 READs).
     assert stats["zcopy_reads"] == math.ceil(size / READ_CHUNK)
+
+
+def test_nonblocking_then_blocking_recv_share_the_staged_read(host_a: str, port: int) -> None:
+    """Without a readiness fd: a MSG_DONTWAIT recv that finds zero-copy bytes posts their
+    read and says EAGAIN; a later call (non-blocking, or blocking, which waits for that
+    read) takes the staged bytes. Stream order holds across small and large calls."""
+    rng = random.Random(12)
+    pieces = [rng.randbytes(rng.choice([100, 70_000, 1_500_000, 3_000_000])) for _ in range(12)]
+    data = b"".join(pieces)
+    got: dict[str, Any] = {}
+
+    def reader(conn: usdp.SdpSocket) -> None:
+        out = bytearray()
+        sizes = [5000, 1 << 20, 64, 4 << 20]
+        i = eagain = 0
+        while True:
+            size = sizes[i % len(sizes)]
+            i += 1
+            try:
+                chunk = conn.recv(size, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                eagain += 1
+                chunk = conn.recv(size)  # waits, for the read just posted if there is one
+            if not chunk:
+                break
+            out += chunk
+        got["data"], got["eagain"], got["stats"] = bytes(out), eagain, conn.stats()
+
+    with server(host_a, port, reader, options=ZOPTS) as errors, \
+            client(host_a, port, ZOPTS) as s:
+        for p in pieces:
+            s.sendall(p)
+    assert not errors, errors
+    assert got["data"] == data
+    assert got["eagain"] >= 1 and got["stats"]["zcopy_reads"] >= 1
