@@ -327,6 +327,7 @@ class Connection:
         self._zc_outstanding: int | None = None  # our SrcAvail's length, until RdmaRdCompl
         self._remote_unanswered = False  # a peer SrcAvail not yet answered by RdmaRdCompl
         self._rdcompl_ready: deque[int] = deque()  # fully read, RdmaRdCompl may go out
+        self._held = 0  # remote bytes taken with hold=True, not yet handed to the application
 
     # ------------------------------------------------------------------ state
 
@@ -532,6 +533,7 @@ class Connection:
             if isinstance(seg, _Segment):
                 self._release(seg.slot)
         self._readable = 0
+        self._held = 0
 
     def consume(self, n: int) -> list[Chunk]:
         """Take up to ``n`` queued bytes, in order, as byte ranges of receive slots.
@@ -548,6 +550,8 @@ class Connection:
         if n < 0:
             raise ValueError(f"consume({n})")
         chunks: list[Chunk] = []
+        if self._held:
+            return chunks  # held zero-copy bytes come first (release_held)
         segments = self._segments
         while n > 0 and segments:
             seg = segments[0]
@@ -580,6 +584,8 @@ class Connection:
         if n < 0:
             raise ValueError(f"peek({n})")
         chunks: list[Chunk] = []
+        if self._held:
+            return chunks
         for seg in self._segments:
             if n <= 0 or isinstance(seg, _Remote):
                 break
@@ -590,19 +596,42 @@ class Connection:
 
     @property
     def head_is_remote(self) -> bool:
-        """The next unread bytes are in the peer's memory (a SrcAvail): use consume_remote."""
-        return bool(self._segments) and isinstance(self._segments[0], _Remote)
+        """The next unread bytes are zero-copy bytes: in the peer's memory (a SrcAvail, read
+        with :meth:`consume_remote`) or held by the I/O layer (:meth:`release_held`)."""
+        return bool(self._held) or (bool(self._segments)
+                                    and isinstance(self._segments[0], _Remote))
 
-    def consume_remote(self, n: int) -> RemoteChunk | None:
+    @property
+    def remote_available(self) -> int:
+        """Bytes of the SrcAvail at the head of the stream not yet taken by
+        :meth:`consume_remote` (0 if the head is not a SrcAvail)."""
+        seg = self._segments[0] if self._segments else None
+        return seg.length if isinstance(seg, _Remote) else 0
+
+    @property
+    def held(self) -> int:
+        """Bytes taken with ``consume_remote(hold=True)`` and not yet released."""
+        return self._held
+
+    def consume_remote(self, n: int, *, hold: bool = False) -> RemoteChunk | None:
         """Take up to ``n`` bytes of the SrcAvail at the head of the stream, to RDMA-read.
 
-        Returns None if the head is not a SrcAvail. The bytes count as read now; the I/O
-        layer must read them before handing out later bytes, and report the read with
-        :meth:`remote_read_done`.
+        Returns None if the head is not a SrcAvail. The I/O layer must read them before
+        handing out later bytes, and report the read with :meth:`remote_read_done`.
+        Without ``hold`` the bytes count as read now (they go straight to the caller's
+        buffer). With ``hold`` (a read into a staging buffer, finished later) they stay
+        counted in :attr:`readable`, and :meth:`consume` gives nothing, until they are
+        handed out with :meth:`release_held`, so readiness and EOF stay right meanwhile.
+
+        Raises:
+            UsdpError: the latched error.
+            ValueError: bytes are held and ``hold`` is false (they would be overtaken).
         """
         self._raise_if_failed()
-        if n <= 0 or not self.head_is_remote:
+        if n <= 0 or not self.remote_available:
             return None
+        if self._held and not hold:
+            raise ValueError("held zero-copy bytes must be released before reading on")
         seg = self._segments[0]
         assert isinstance(seg, _Remote)
         take = min(n, seg.length)
@@ -610,10 +639,20 @@ class Connection:
                             seg.total if take == seg.length else 0)
         seg.offset += take
         seg.length -= take
-        self._readable -= take
+        if hold:
+            self._held += take
+        else:
+            self._readable -= take
         if seg.length == 0:
             self._segments.popleft()
         return chunk
+
+    def release_held(self, n: int) -> None:
+        """``n`` held bytes (see :meth:`consume_remote`) were handed to the application."""
+        if not 0 <= n <= self._held:
+            raise ValueError(f"release_held({n}) with {self._held} held")
+        self._held -= n
+        self._readable -= n
 
     def remote_read_done(self, chunk: RemoteChunk) -> None:
         """The RDMA read of ``chunk`` completed; a finished SrcAvail may now be answered."""

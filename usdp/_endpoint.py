@@ -134,8 +134,10 @@ class Endpoint:
 
     def _send_events_needed(self) -> bool:
         """A send completion must wake someone even if nobody is inside: a cork or our
-        EOF waits for it, or a readiness-fd user may wait for writability."""
-        return self.sp.needs_completion() or self._eof_pending \
+        EOF waits for it, a readiness-fd user may wait for writability, a closed
+        connection delivers in the background, or an RDMA read is in flight (a
+        non-blocking reader said EAGAIN and waits for its bytes)."""
+        return self.sp.needs_completion() or self._eof_pending or self.zc.reading \
             or ((self.readiness is not None or self._orphaned) and bool(self.sp.inflight))
 
     def _handle_peer_gone(self) -> None:
@@ -444,7 +446,7 @@ class Endpoint:
                 if self.closing:
                     raise error_from_errno(errno.EBADF, "socket closed while receiving")
                 if self.conn.readable:
-                    return self._recv_some(out)
+                    return self._recv_some(out, timeout)
                 return self._recv_end()
             except OSError as exc:
                 raise self._closed_instead(exc, "receiving") from exc
@@ -456,13 +458,29 @@ class Endpoint:
             raise err
         return 0  # EOF, shutdown(SHUT_RD), or peer gone after an orderly close
 
-    def _recv_some(self, out: memoryview) -> int:
-        """Copy queued bytes into ``out`` (owner only)."""
+    def _recv_some(self, out: memoryview, timeout: float | None) -> int:
+        """Copy queued bytes into ``out`` (owner only). Zero-copy bytes at the head are
+        ``Zcopy.recv_remote``'s: with ``timeout`` 0 it raises WouldBlock rather than wait
+        for an RDMA read."""
         if self.conn.head_is_remote:
-            n = self.zc.recv_remote(out)
-            self.sp.send_control()
-            self._update_readiness()
-            return n
+            try:
+                n = self.zc.recv_remote(out, timeout)
+                self.sp.send_control()  # RdmaRdCompl, once the last read is done
+            finally:
+                self._update_readiness()
+            if n:
+                return n
+            # Another thread's read took the zero-copy bytes while this one waited.
+            self.engine.wait(self._recv_ready, timeout, "recv")
+            if self.closing:
+                raise error_from_errno(errno.EBADF, "socket closed while receiving")
+            if self.conn.head_is_remote:
+                return self._recv_some(out, timeout)
+            if not self.conn.readable:
+                err = self.conn.error
+                if err is not None:
+                    raise err
+                return 0  # EOF
         chunks = self.conn.consume(len(out))
         pos = 0
         rview, rsize = self._rview, self._rsize
@@ -504,11 +522,21 @@ class Endpoint:
         return self.readiness.fileno()
 
     def _update_readiness(self) -> None:
+        """Set the readiness fd (owner only). Zero-copy bytes that are not here yet do not
+        make it readable (a recv would only say EAGAIN, and an event loop would spin):
+        their RDMA read is started here, and its completion, which wakes the completion
+        thread (``_send_events_needed``), comes back here and turns the fd readable."""
         r = self.readiness
         if r is None:
             return
         broken = self.conn.error is not None or self.peer_gone
-        r.set(self._recv_ready() or broken, broken or self.sp.writable())
+        if not broken and not self.closing:
+            try:
+                self.zc.start_staged_read()
+            except UsdpError:
+                broken = True  # latched by Zcopy: the next recv raises it
+        readable = self._recv_ready() and not self.zc.waiting_on_remote
+        r.set(readable or broken, broken or self.sp.writable())
 
     # ------------------------------------------------------------------ state, stats
 

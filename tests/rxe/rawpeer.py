@@ -16,7 +16,7 @@ import pyverbs.enums as e
 from pyverbs.cmid import CMID, AddrInfo, ConnParam
 from pyverbs.cq import CQ, CompChannel
 from pyverbs.mr import MR
-from pyverbs.qp import QP, QPCap, QPInitAttr
+from pyverbs.qp import QP, QPAttr, QPCap, QPInitAttr
 from pyverbs.wr import SGE, RecvWR, SendWR
 
 from tests.rxe.rawverbs import Channel, wait_fd
@@ -186,6 +186,13 @@ class RawPeer:
         t = int(ev.event_type)
         ev.ack_cm_event()
         return t
+
+    def to_error(self) -> None:
+        """Move our QP to ERR: the HCA stops answering (the peer's requests go unacked,
+        and it retries them), while the CM connection stays up."""
+        attr = QPAttr()
+        attr.qp_state = e.IBV_QPS_ERR
+        self.qp.modify(attr, e.IBV_QP_STATE)
 
     def remote_mr(self, size: int) -> MR:
         return MR(self.cmid.pd, size, e.IBV_ACCESS_LOCAL_WRITE | e.IBV_ACCESS_REMOTE_READ)

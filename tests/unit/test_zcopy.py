@@ -114,3 +114,60 @@ def test_zcopy_frames_need_negotiation() -> None:
 
 def test_src_avail_header_layout() -> None:
     assert struct.unpack(">IIQ", SrcAvail(1, 2, 3).encode()) == (1, 2, 3)
+
+
+def test_held_remote_bytes_stay_readable_and_first_until_released() -> None:
+    """A read into a staging buffer (hold=True): the bytes still count as readable (so a
+    readiness fd and EOF stay right), nothing overtakes them, RdmaRdCompl goes once the
+    read is done, and they leave ``readable`` only when handed out."""
+    c = Connection(zparams())
+    p = Peer(c)
+    p.send(Mid.SRC_AVAIL, SrcAvail(1000, 0x55, 0x9000).encode())
+    p.send(Mid.DATA, b"tail")
+    p.send(Mid.DISCONN)
+    assert c.remote_available == 1000
+    staged = c.consume_remote(4096, hold=True)
+    assert staged == RemoteChunk(0x55, 0x9000, 1000, 1000)
+    assert c.held == 1000 and c.readable == 1004 and c.remote_available == 0
+    assert c.head_is_remote  # the held bytes are next
+    assert c.consume(100) == [] and c.peek(100) == []  # "tail" must not overtake them
+    assert not c.eof
+    c.remote_read_done(staged)
+    frame = c.next_control_frame()
+    assert frame is not None and frame[0].mid is Mid.RDMA_RD_COMPL
+    c.release_held(600)
+    assert c.held == 400 and c.readable == 404 and c.head_is_remote
+    with pytest.raises(ValueError):
+        c.release_held(401)
+    c.release_held(400)
+    assert not c.head_is_remote and c.readable == 4
+    assert [ch.length for ch in c.consume(100)] == [4]
+    assert c.eof
+
+
+def test_held_bytes_must_go_before_more_is_taken_unheld() -> None:
+    c = Connection(zparams())
+    p = Peer(c)
+    p.send(Mid.SRC_AVAIL, SrcAvail(3000, 0x55, 0x9000).encode())
+    first = c.consume_remote(1000, hold=True)
+    assert first is not None and first.completes == 0
+    with pytest.raises(ValueError):
+        c.consume_remote(1000)  # a direct read now would overtake the held bytes
+    second = c.consume_remote(1000, hold=True)  # more staging keeps the order
+    assert second == RemoteChunk(0x55, 0x9000 + 1000, 1000, 0)
+    c.release_held(2000)
+    third = c.consume_remote(5000)
+    assert third == RemoteChunk(0x55, 0x9000 + 2000, 1000, 3000)
+    assert c.readable == 0
+
+
+def test_held_bytes_are_dropped_when_the_peer_aborts() -> None:
+    c = Connection(zparams())
+    p = Peer(c)
+    p.send(Mid.SRC_AVAIL, SrcAvail(3000, 0x55, 0x9000).encode())
+    c.consume_remote(1000, hold=True)
+    p.send(Mid.ABORT)
+    assert c.error is not None
+    assert c.held == 0 and c.readable == 0 and not c.head_is_remote
+    with pytest.raises(type(c.error)):
+        c.consume_remote(1000, hold=True)
