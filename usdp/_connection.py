@@ -136,6 +136,7 @@ __all__ = [
     "State",
     "Stats",
     "ZcopyDone",
+    "recv_growth",
 ]
 
 _U32: Final = 0xFFFF_FFFF
@@ -286,6 +287,21 @@ def _proto(msg: str) -> ProtocolError:
     return ProtocolError(errno.EPROTO, msg)
 
 
+def recv_growth(current: int, maximum: int, peer_credits: int, held: int) -> int:
+    """How many receive slots to add now (0: none), asked as slots are re-posted.
+
+    Grow when the peer has spent its last data credit (``peer_credits <= 1``: rule 1 stops
+    a sender there, so it sends as fast as we grant) while our reader keeps up (at most
+    half the ring still holds unread data: for a slow reader more slots would only pin
+    memory for bytes it does not take, as TCP's receive autotuning follows the reader).
+    A request/response peer never gets there. Double, up to ``maximum``: a stream from 4
+    slots reaches 16 in two steps.
+    """
+    if current >= maximum or peer_credits > 1 or 2 * held > current:
+        return 0
+    return min(current, maximum - current)
+
+
 class Connection:
     """The protocol state of one established usdp connection.
 
@@ -311,6 +327,12 @@ class Connection:
         self._peer_credits = params.local_recv_bufs  # our view of the peer's credits
         self._threshold = max(1, params.local_recv_bufs // 2)
         self._slots = bytearray(params.local_recv_bufs)  # _POSTED/_HELD/_FREE per slot
+        self._ring_max = params.local_max_recv_bufs or params.local_recv_bufs
+        self._held = 0  # slots holding unread DATA
+        # The peer's ring may grow: the most credits we can hold, and how many credits
+        # beyond the frames we sent it may return (its new slots).
+        self._peer_max = params.peer_max_recv_bufs or params.peer_recv_bufs
+        self._grow_allowance = self._peer_max - params.peer_recv_bufs
         self._segments: deque[_Segment | _Remote] = deque()
         self._readable = 0
         self._free: list[int] = []
@@ -451,15 +473,17 @@ class Connection:
         acked_total = self._acked_total + advance
         # Credits the peer returns.
         if h.bufs:
-            if self._tx_credits + h.bufs > self.params.peer_recv_bufs:
+            if self._tx_credits + h.bufs > self._peer_max:
                 raise _proto(
                     f"credit overflow: {self._tx_credits} + {h.bufs} returned > "
-                    f"{self.params.peer_recv_bufs} peer buffers"
+                    f"{self._peer_max} peer buffers"
                 )
-            if self._returned_total + h.bufs > acked_total:
+            if self._returned_total + h.bufs > acked_total + self._grow_allowance:
                 raise _proto(
                     f"{h.bufs} buffers returned, but only {acked_total - self._returned_total}"
                     " of our frames were received and not yet returned"
+                    + (f" (+{self._grow_allowance} for ring growth)"
+                       if self._grow_allowance else "")
                 )
         if self._rd_closed and mid not in _AFTER_DISCONN:
             raise _proto(f"{mid.name} after DISCONN")
@@ -477,6 +501,7 @@ class Connection:
             events.append(CreditsReturned(h.bufs))
         if mid is Mid.DATA:
             n = h.length - HEADER_SIZE
+            self._held += 1
             self._slots[slot] = _HELD
             self._segments.append(_Segment(slot, HEADER_SIZE, n))
             self._readable += n
@@ -531,6 +556,7 @@ class Connection:
         while self._segments:
             seg = self._segments.popleft()
             if isinstance(seg, _Segment):
+                self._held -= 1
                 self._release(seg.slot)
         self._readable = 0
         self._held = 0
@@ -560,6 +586,7 @@ class Connection:
             if n >= seg.length:
                 segments.popleft()
                 chunks.append(Chunk(seg.slot, seg.offset, seg.length, True))
+                self._held -= 1
                 self._release(seg.slot)
                 n -= seg.length
                 self._readable -= seg.length
@@ -712,6 +739,43 @@ class Connection:
             raise ValueError(f"recv_reposted({count}) with {self._reposting} slots handed out")
         self._reposting -= count
         self._rx_owed += count
+
+    # ------------------------------------------------------------------- ring growth
+
+    @property
+    def ring_size(self) -> int:
+        """Receive slots we have now (they grow with use, up to ``ring_max``)."""
+        return len(self._slots)
+
+    @property
+    def ring_max(self) -> int:
+        """The most receive slots our ring may have (the peer accepts their credits)."""
+        return self._ring_max
+
+    def recv_growth(self) -> int:
+        """Receive slots worth adding now (see :func:`recv_growth`); call it whenever
+        slots are about to be re-posted (after a read, after a frame)."""
+        if len(self._slots) >= self._ring_max or self._error is not None \
+                or self._rd_closed:
+            return 0
+        return recv_growth(len(self._slots), self._ring_max, self._peer_credits, self._held)
+
+    def add_recv_slots(self, count: int) -> list[int]:
+        """The I/O layer registered ``count`` more receive slots: their numbers. Post
+        them, then report them with :meth:`recv_reposted`: from then on they are owed
+        to the peer, exactly as re-posted slots, so they become credits through the
+        normal credit-update rules (the batching threshold follows the ring's size).
+
+        Raises:
+            ValueError: the ring would exceed ``ring_max``.
+        """
+        first = len(self._slots)
+        if count < 0 or first + count > self._ring_max:
+            raise ValueError(f"add_recv_slots({count}) to {first} slots, max {self._ring_max}")
+        self._slots.extend(bytes(count))  # _POSTED: handed out for posting
+        self._reposting += count
+        self._threshold = max(1, len(self._slots) // 2)
+        return list(range(first, first + count))
 
     # ------------------------------------------------------------------- send
 

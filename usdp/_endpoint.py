@@ -73,7 +73,8 @@ class Endpoint:
         self._probes = 0  # READ probes posted (stats: "probes")
         self._send_waits = 0  # user calls waiting in _wait_writable (for the peer)
         self.conn = Connection(params)
-        policy = SignalPolicy(every=max(1, min(signal_every, res.send_ring.count)))
+        policy = SignalPolicy(every=max(1, min(signal_every,
+                                               res.send_max + res.inline_slots)))
         self.sp = SendPath(res, self.conn, self.liveness, policy, fail=self._fail,
                            on_flush=self._on_flush)
         self.engine = Engine(
@@ -101,8 +102,8 @@ class Endpoint:
         self._corked_sends = 0
         self._sent_since_recv = True  # a user send since the last recv wait
         self._eof_pending = False  # shutdown(SHUT_WR) waits for the cork to go first
-        self._rsize = res.recv_ring.size
-        self._rview = res.recv_ring.view
+        self._rviews = res.recv_views  # one view per receive slot; grows in place
+        self._recv_growable = self.conn.ring_size < self.conn.ring_max
 
     # ------------------------------------------------------------------ start / stop
 
@@ -182,9 +183,8 @@ class Endpoint:
             return
         self.liveness.heard(time.monotonic())
         slot = wc.wr_id
-        base = slot * self._rsize
         try:
-            self.conn.on_frame(slot, self._rview[base : base + wc.byte_len])
+            self.conn.on_frame(slot, self._rviews[slot][: wc.byte_len])
         except ProtocolError as exc:
             log.error("qp%d: protocol error from peer, aborting the connection: %s",
                       self.res.qp_num, exc)
@@ -192,7 +192,27 @@ class Endpoint:
             return
         self._repost()
 
+    def _grow_recv(self) -> None:
+        """Register and post more receive slots if the peer is using the whole window
+        (``Connection.recv_growth``); they become credits as re-posted slots do. A
+        refused growth (budget, registration) is not retried on this connection."""
+        want = self.conn.recv_growth()
+        if not want:
+            return
+        slots = self.res.grow_recv(want)
+        if slots:
+            posted = 0
+            try:
+                for slot in self.conn.add_recv_slots(len(slots)):
+                    self.res.post_recv(slot)
+                    posted += 1
+            finally:
+                self.conn.recv_reposted(posted)
+        self._recv_growable = bool(slots) and self.conn.ring_size < self.conn.ring_max
+
     def _repost(self) -> None:
+        if self._recv_growable:
+            self._grow_recv()
         free = self.conn.take_free_slots()
         if not free:
             return
@@ -323,7 +343,7 @@ class Endpoint:
                     self._orphan_step()
                 return
             lv.probed(now)
-            means = lv.probe_means(frame_ok=bool(sp.free) and conn.data_credit_ok())
+            means = lv.probe_means(frame_ok=sp.has_slot() and conn.data_credit_ok())
             h = conn.keepalive_header() if means is Probe.FRAME else None
             if h is not None:
                 sp.post_frame(h, None, control=True)
@@ -403,7 +423,7 @@ class Endpoint:
         ready = sp.writable if timeout == 0.0 else lambda: sp.can_take(nbytes)
         if ready():
             return
-        if sp.free:
+        if sp.has_slot():
             self.conn.can_send_data()  # counts the stall
         # A writer waiting for credits or slots is throughput-bound: it naps. While it
         # waits for the peer, the ticker probes the peer (``_tick``: a stalled sender).
@@ -483,10 +503,10 @@ class Endpoint:
                 return 0  # EOF
         chunks = self.conn.consume(len(out))
         pos = 0
-        rview, rsize = self._rview, self._rsize
+        rviews = self._rviews
         for c in chunks:
-            src = c.slot * rsize + c.offset
-            out[pos : pos + c.length] = rview[src : src + c.length]
+            off = c.offset
+            out[pos : pos + c.length] = rviews[c.slot][off : off + c.length]
             pos += c.length
         if chunks:
             self._repost()
@@ -568,6 +588,13 @@ class Endpoint:
             "staged_frames": self.sp.cork_frames,
             "local_recv_bufs": self.conn.params.local_recv_bufs,
             "peer_recv_bufs": self.conn.params.peer_recv_bufs,
+            # Rings that grow with use (docs/design.md, "Memory per connection").
+            "registered_bytes": self.res.registered_bytes,
+            "recv_slots": self.conn.ring_size,
+            "recv_slots_max": self.conn.ring_max,
+            "send_slots": self.res.send_slots,
+            "send_slots_max": self.res.send_max,
+            "inline_slots": self.res.inline_slots,
             "cq_polls": es.cq_polls,
             "completions": es.completions,
             "recv_completions": self._recv_completions,
@@ -627,7 +654,7 @@ class Endpoint:
     def abort(self) -> None:
         """Send ABORT (best effort) and latch the error (owner only)."""
         h = self.conn.abort_header()
-        if h is not None and self.sp.free:
+        if h is not None and self.sp.has_slot():
             try:
                 self.sp.post_frame(h, None, control=True)
             except UsdpError:
@@ -735,7 +762,7 @@ class Endpoint:
         p.remove_ticker(self._tick)
         for fd in (self.res.send_fd, self.res.recv_fd, self.channel.fd):
             p.unregister(fd)
-        self._rview = memoryview(b"")
+        self._rviews = []
         self.sp.release_views()
         self.zc.close()
         self.res.close()
@@ -784,10 +811,10 @@ class Endpoint:
             raise UsdpError(errno.EOPNOTSUPP, "MSG_PEEK cannot look at zero-copy data "
                             "(the next bytes are still in the peer's memory)")
         pos = 0
-        rview, rsize = self._rview, self._rsize
+        rviews = self._rviews
         for c in self.conn.peek(len(out)):
-            src = c.slot * rsize + c.offset
-            out[pos : pos + c.length] = rview[src : src + c.length]
+            off = c.offset
+            out[pos : pos + c.length] = rviews[c.slot][off : off + c.length]
             pos += c.length
         return pos
 

@@ -18,6 +18,7 @@ The cork has two reasons to exist, both SDP's BCopy buffering:
 
 from __future__ import annotations
 
+import errno
 import time
 from collections import deque
 from collections.abc import Callable
@@ -54,22 +55,68 @@ class SendPath:
                  on_flush: Callable[[], None]) -> None:
         self.res, self.conn, self.liveness, self.policy = res, conn, liveness, policy
         self._fail, self._on_flush = fail, on_flush
-        count = res.send_ring.count
-        self.free: deque[int] = deque(range(count))
+        # Inline slots (unregistered, small frames) and registered slots (any frame) keep
+        # separate free lists; the registered ones grow with use (``_grow``).
+        self._ninline = res.inline_slots
+        self.ifree: deque[int] = deque(range(self._ninline))
+        self.free: deque[int] = deque(range(self._ninline, len(res.send_views)))
+        self._growable = res.send_slots < res.send_max
         self.inflight: deque[int] = deque()
-        self._signaled = [False] * count
+        self._signaled = [False] * (self._ninline + res.send_max)
         self.signaled_inflight = 0
         self._unsignaled = 0
         self._unsolicited = 0
         self.nodelay = False
         self.cork: int | None = None  # a send slot holding DATA bytes not yet posted
         self.cork_len = 0
+        self._cork_cap = 0  # payload bytes the cork's slot holds
         self.cork_frames = 0  # corked frames posted (stats: "staged_frames")
-        self._ssize = res.send_ring.size
-        self._sview = res.send_ring.view
+        self.grown = 0  # registered send slots added after setup (stats)
+        self._views = res.send_views  # one view per slot; the list grows in place
+        self._caps = res.send_caps
 
     def release_views(self) -> None:
-        self._sview = memoryview(b"")
+        self._views = []
+
+    # ------------------------------------------------------------------ slots
+
+    def has_slot(self) -> bool:
+        """A slot is free now: a control frame (always small) can be posted."""
+        return bool(self.ifree or self.free)
+
+    def _avail(self) -> int:
+        """Slots a send could take now, counting one more if the ring may still grow."""
+        return len(self.ifree) + len(self.free) + self._growable
+
+    def _grow(self) -> bool:
+        """Register more send slots (doubling, up to the maximum); False if the ring is
+        full or the budget (or the registration) refuses: then it stays as it is."""
+        if not self._growable:
+            return False
+        slots = self.res.grow_send(max(1, self.res.send_slots))
+        self._growable = bool(slots) and self.res.send_slots < self.res.send_max
+        self.free.extend(slots)
+        self.grown += len(slots)
+        return bool(slots)
+
+    def _take(self, nbytes: int, *, big: bool = False) -> int | None:
+        """A free slot for a frame of ``nbytes`` (header included), or None.
+
+        Inline if the frame fits one (no copy into registered memory, no slot of the
+        registered ring in use); else a registered slot, growing the ring when none is
+        free; else an inline slot anyway (the caller then sends a shorter frame).
+        ``big`` (a cork that will gather small sends) prefers a registered slot.
+        """
+        if not big and self.ifree and nbytes <= self._caps[self.ifree[0]]:
+            return self.ifree.popleft()
+        if self.free or self._grow():
+            return self.free.popleft()
+        if self.ifree:
+            return self.ifree.popleft()
+        return None
+
+    def _give_back(self, slot: int) -> None:
+        (self.ifree if slot < self._ninline else self.free).appendleft(slot)
 
     # ------------------------------------------------------------------ posting
 
@@ -80,23 +127,34 @@ class SendPath:
         ``waited_on`` (default: ``control``) says a completion of this frame is awaited
         (always signaled); a credit update is a control frame nobody waits on.
         """
-        slot = self.free.popleft()
-        base = slot * self._ssize
-        sview = self._sview
-        pack_header_into(sview, base, h)
+        slot = self._take(h.length)
+        if slot is None or h.length > self._caps[slot]:
+            # Callers check has_slot() (control frames fit every slot) or take the slot
+            # themselves (_post_data): a frame without room is a local bug.
+            if slot is not None:
+                self._give_back(slot)
+            raise UsdpError(errno.ENOBUFS, f"no send slot for a {h.length}-byte frame")
+        self._post_in(slot, h, payload, control=control, last=last,
+                      waited_on=control if waited_on is None else waited_on)
+
+    def _post_in(self, slot: int, h: Header, payload: Any, *, control: bool = False,
+                 last: bool = True, waited_on: bool = False) -> None:
+        """Copy ``h`` and ``payload`` into ``slot`` (taken by the caller) and post it."""
+        view = self._views[slot]
+        pack_header_into(view, 0, h)
         n = HEADER_SIZE
         if payload is not None:
             n += len(payload)
-            sview[base + HEADER_SIZE : base + n] = payload
-        self._post_slot(slot, n, control=control, last=last,
-                        waited_on=control if waited_on is None else waited_on)
+            view[HEADER_SIZE:n] = payload
+        self._post_slot(slot, n, control=control, last=last, waited_on=waited_on)
 
     def _post_slot(self, slot: int, n: int, *, control: bool, last: bool,
                    waited_on: bool = False) -> None:
         conn = self.conn
         credit_after = conn.data_credit_ok()
         signaled = signal_send(self.policy, control=waited_on, unsignaled_run=self._unsignaled,
-                               free_slots_after=len(self.free), credit_ok_after=credit_after,
+                               free_slots_after=len(self.free) + len(self.ifree),
+                               credit_ok_after=credit_after,
                                inflight_before=len(self.inflight),
                                signaled_inflight=self.signaled_inflight)
         if control:
@@ -118,7 +176,7 @@ class SendPath:
             self.res.post_send(slot, n, signaled, solicited)
         except UsdpError as exc:
             self.inflight.pop()
-            self.free.appendleft(slot)
+            self._give_back(slot)
             if signaled:
                 self.signaled_inflight -= 1
             self.liveness.unposted(signaled)
@@ -128,7 +186,7 @@ class SendPath:
     def send_control(self) -> None:
         """Send queued control frames (RdmaRdCompl, DISCONN, credit updates) while a slot
         is free."""
-        while self.free and self.conn.error is None:
+        while (self.ifree or self.free) and self.conn.error is None:
             frame = self.conn.next_control_frame()
             if frame is None:
                 return
@@ -152,9 +210,13 @@ class SendPath:
             self._fail(from_wc(status, "send"))
         slot = wc.wr_id
         inflight, free, signaled = self.inflight, self.free, self._signaled
+        ninline, ifree = self._ninline, self.ifree
         while inflight:
             s = inflight.popleft()
-            free.append(s)
+            if s < ninline:
+                ifree.append(s)
+            else:
+                free.append(s)
             if signaled[s]:
                 signaled[s] = False
                 self.signaled_inflight -= 1
@@ -167,17 +229,19 @@ class SendPath:
         """``send_bcopy`` would take bytes now: to post (a credit and a slot), or to cork
         (a spare slot, or room left in the cork)."""
         if self.cork is not None:
-            return self.cork_len < self.conn.max_payload
-        return len(self.free) >= 2 or (bool(self.free) and self.conn.data_credit_ok())
+            return self.cork_len < self._cork_cap
+        avail = self._avail()
+        return avail >= 2 or (avail >= 1 and self.conn.data_credit_ok())
 
     def can_take(self, nbytes: int) -> bool:
         """A blocking ``send_bcopy`` of ``nbytes`` would take bytes now."""
         credit = self.conn.data_credit_ok()
         if self.cork is not None:
-            return self.cork_len < self.conn.max_payload or credit
-        if credit and self.free:
+            return self.cork_len < self._cork_cap or credit
+        avail = self._avail()
+        if credit and avail:
             return True
-        return nbytes < self.conn.max_payload and len(self.free) >= 2
+        return nbytes < self.conn.max_payload and avail >= 2
 
     def needs_completion(self) -> bool:
         """A corked send waits for a completion (or a credit) that must wake someone."""
@@ -197,13 +261,13 @@ class SendPath:
             return True
         if not self.conn.data_credit_ok():
             return False
-        if not force and not should_flush_cork(self.cork_len, self.conn.max_payload,
+        if not force and not should_flush_cork(self.cork_len, self._cork_cap,
                                                nodelay=self.nodelay,
                                                signaled_inflight=self.signaled_inflight):
             return False
         self.cork = None
         n = self.cork_len
-        pack_header_into(self._sview, slot * self._ssize, self.conn.data_header(n))
+        pack_header_into(self._views[slot], 0, self.conn.data_header(n))
         self._post_slot(slot, HEADER_SIZE + n, control=False, last=True)
         self.cork_frames += 1
         return True
@@ -216,17 +280,17 @@ class SendPath:
         copy less); a non-blocking call corks one frame (its readiness said writable). One
         slot always stays free for control frames.
         """
-        conn, free = self.conn, self.free
+        conn = self.conn
         maxp = conn.max_payload
         total = len(data)
         sent = 0
         while sent < total and conn.error is None:
             if self.cork is not None:
-                room = maxp - self.cork_len
+                room = self._cork_cap - self.cork_len
                 if room > 0:
                     n = min(room, total - sent)
-                    pos = self.cork * self._ssize + HEADER_SIZE + self.cork_len
-                    self._sview[pos : pos + n] = data[sent : sent + n]
+                    pos = HEADER_SIZE + self.cork_len
+                    self._views[self.cork][pos : pos + n] = data[sent : sent + n]
                     self.cork_len += n
                     sent += n
                     continue
@@ -234,16 +298,26 @@ class SendPath:
                     break  # a full cork waits for a credit
                 continue
             remaining = total - sent
-            if free and conn.data_credit_ok() and not (
-                    len(free) >= 2 and should_cork(remaining, maxp, nodelay=self.nodelay,
-                                                   signaled_inflight=self.signaled_inflight)):
-                n = min(maxp, remaining)
-                self.post_frame(conn.data_header(n), data[sent : sent + n],
-                                last=remaining - n < maxp or len(free) <= 1)
+            avail = self._avail()
+            if avail and conn.data_credit_ok() and not (
+                    avail >= 2 and should_cork(remaining, maxp, nodelay=self.nodelay,
+                                               signaled_inflight=self.signaled_inflight)):
+                slot = self._take(HEADER_SIZE + min(maxp, remaining))
+                if slot is None:
+                    break  # the ring could not grow after all
+                n = min(maxp, remaining, self._caps[slot] - HEADER_SIZE)
+                self._post_in(slot, conn.data_header(n), data[sent : sent + n],
+                              last=remaining - n < maxp or not self._avail())
                 sent += n
                 continue
-            if (remaining < maxp or nonblocking) and len(free) >= 2:
-                self.cork, self.cork_len = free.popleft(), 0
+            if (remaining < maxp or nonblocking) and avail >= 2:
+                slot = self._take(0, big=True)
+                if slot is None or not self.has_slot():
+                    if slot is not None:  # one slot always stays free for control frames
+                        self._give_back(slot)
+                    break
+                self.cork, self.cork_len = slot, 0
+                self._cork_cap = min(maxp, self._caps[slot] - HEADER_SIZE)
                 continue
             break
         if self.cork is not None:

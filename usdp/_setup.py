@@ -38,6 +38,7 @@ from usdp._verbs import QPS_INIT, QPS_RTR, QPS_RTS, Device, QPResources
 from usdp._wire import (
     HEADER_SIZE,
     MAX_REJECT_TEXT,
+    MIN_RECV_BUFS,
     Features,
     HandshakeKind,
     Hello,
@@ -51,11 +52,14 @@ from usdp._wire import (
 log = logging.getLogger("usdp")
 
 
-def _hello(opts: Options, kind: HandshakeKind) -> Hello:
+def _hello(opts: Options, kind: HandshakeKind, posted: int) -> Hello:
+    """Our Hello: ``posted`` receive slots now (the peer's first credits), growing up to
+    ``opts.recv_bufs`` if the peer offers GROW (docs/protocol.md)."""
     # Every usdp peer can *receive* zero-copy (it costs nothing until a SrcAvail comes);
     # whether it *sends* that way is its own zcopy_threshold.
-    return Hello(kind, opts.recv_bufs, opts.recv_buf_size, opts.recv_buf_size,
-                 Features.ZCOPY | Features.SOLICIT)
+    return Hello(kind, posted, opts.recv_buf_size, opts.recv_buf_size,
+                 Features.ZCOPY | Features.SOLICIT | Features.GROW,
+                 max_recv_bufs=opts.recv_bufs)
 
 
 def _dev_name(cmid: Any) -> str:
@@ -64,14 +68,30 @@ def _dev_name(cmid: Any) -> str:
 
 
 class _BudgetedResources(QPResources):
-    """QPResources whose rings are counted in the process's registered-memory budget;
-    ``close`` (called by the endpoint's teardown, or on a failed setup) gives it back."""
+    """QPResources whose rings are counted in the process's registered-memory budget,
+    growth included (a refused growth just does not happen); ``close`` (called by the
+    endpoint's teardown, or on a failed setup) gives every byte back."""
 
-    def __init__(self, dev: Device, *, nbytes: int, recv_count: int, recv_size: int,
-                 send_count: int, send_size: int) -> None:
+    def __init__(self, dev: Device, *, nbytes: int, limit: int, recv_count: int,
+                 recv_size: int, send_count: int, send_size: int, recv_max: int,
+                 send_max: int) -> None:
         self._reserved = nbytes  # before super(): its failure path calls close()
+        self._limit = limit
         super().__init__(dev, recv_count=recv_count, recv_size=recv_size,
-                         send_count=send_count, send_size=send_size)
+                         send_count=send_count, send_size=send_size, recv_max=recv_max,
+                         send_max=send_max)
+
+    def admit(self, nbytes: int) -> bool:
+        try:
+            BUDGET.reserve(nbytes, self._limit, "growing a ring")
+        except UsdpError:
+            return False
+        self._reserved += nbytes
+        return True
+
+    def unadmit(self, nbytes: int) -> None:
+        self._reserved -= nbytes
+        BUDGET.release(nbytes)
 
     def close(self) -> None:
         try:
@@ -82,26 +102,39 @@ class _BudgetedResources(QPResources):
                 BUDGET.release(n)
 
 
-def _resources(cmid: Any, opts: Options, send_size: int, what: str) -> QPResources:
+#: Receive slots a connection starts with when its ring may grow: the protocol's minimum
+#: (``MIN_RECV_BUFS``: data flows with the last credit reserved). 4 x 64 KiB = 256 KiB,
+#: and no registered send slot at first (small frames go inline), is what an idle
+#: connection pins.
+RECV_INITIAL = MIN_RECV_BUFS
+
+
+def _resources(cmid: Any, opts: Options, send_size: int, what: str, *,
+               recv_initial: int) -> QPResources:
     """Our rings, sized by our own Options: receive slots of ``opts.recv_buf_size`` and
     send slots of ``send_size``, the largest frame we will send (negotiated, so at most our
-    own slot size whatever the peer's Hello claims).
+    own slot size whatever the peer's Hello claims). They start with ``recv_initial``
+    receive slots and no registered send slot, and may grow to ``opts.recv_bufs`` and
+    ``opts.send_bufs`` (the QP and CQs are sized for that at once).
 
     Raises:
         UsdpError: ENOBUFS if the budget (``Options.mr_budget``) would be exceeded, or the
             verbs error (ENOMEM, RLIMIT_MEMLOCK) of a failed registration.
     """
     dev = Device.get(_dev_name(cmid))
-    nbytes = opts.recv_bufs * opts.recv_buf_size + opts.send_bufs * send_size
-    BUDGET.reserve(nbytes, opts.mr_budget or default_budget(), what)
+    recv_initial = min(recv_initial, opts.recv_bufs)
+    nbytes = recv_initial * opts.recv_buf_size
+    limit = opts.mr_budget or default_budget()
+    BUDGET.reserve(nbytes, limit, what)
     # On failure QPResources' constructor closes what it made, which releases the bytes.
-    return _BudgetedResources(dev, nbytes=nbytes, recv_count=opts.recv_bufs,
-                              recv_size=opts.recv_buf_size, send_count=opts.send_bufs,
-                              send_size=send_size)
+    return _BudgetedResources(dev, nbytes=nbytes, limit=limit, recv_count=recv_initial,
+                              recv_size=opts.recv_buf_size, send_count=0,
+                              send_size=send_size, recv_max=opts.recv_bufs,
+                              send_max=opts.send_bufs)
 
 
 def _post_all(res: QPResources) -> None:
-    for slot in range(res.recv_ring.count):
+    for slot in range(res.recv_slots):
         res.post_recv(slot)
 
 
@@ -125,10 +158,13 @@ def connect(dst: _cm.SockAddr, src: str | None, opts: Options,
         # the HelloAck, but negotiate() caps frames at min(peer slot, our max_msg), and
         # our max_msg is our own slot size: that bound is known now.
         with _step(f"connect to {at}: create the queue pair"):
-            res = _resources(cmid, opts, opts.recv_buf_size, f"connecting to {at}")
+            # We learn only from the HelloAck whether the server lets our ring grow: start
+            # small (an older server then keeps us at RECV_INITIAL slots).
+            res = _resources(cmid, opts, opts.recv_buf_size, f"connecting to {at}",
+                             recv_initial=RECV_INITIAL)
             res.modify(cmid, QPS_INIT)
             _post_all(res)
-        hello = _hello(opts, HandshakeKind.HELLO)
+        hello = _hello(opts, HandshakeKind.HELLO, res.recv_slots)
         param = _cm.conn_param(res.qp_num, hello.encode(), accept=False)
         _cm.cm_call(f"connect to {at}", cmid.connect, param)
         ev = _cm.expect(chan, None, deadline, f"connect to {at}")
@@ -292,7 +328,11 @@ class Listener:
         who = f"{peer_addr[0]}:{peer_addr[1]}"
         try:
             peer = decode_hello(private_data, expect_kind=HandshakeKind.HELLO)
-            ack = _hello(self.opts, HandshakeKind.HELLO_ACK)
+            # A client that lets our ring grow gets a small one first; an older client
+            # gets the whole ring at once, as before.
+            initial = RECV_INITIAL if peer.features & Features.GROW else self.opts.recv_bufs
+            initial = min(initial, self.opts.recv_bufs)
+            ack = _hello(self.opts, HandshakeKind.HELLO_ACK, initial)
             params = negotiate(ack, peer)
         except HandshakeError as exc:
             log.warning("rejecting %s: %s", who, exc)
@@ -305,7 +345,8 @@ class Listener:
             # counts only up to our own slot size (issue 11, item 6).
             try:
                 res = _resources(child, self.opts, params.max_payload + HEADER_SIZE,
-                                 f"accepting {who} on {self._where()}")
+                                 f"accepting {who} on {self._where()}",
+                                 recv_initial=initial)
             except OSError as exc:  # the budget, or mmap/ibv_reg_mr (ENOMEM, MEMLOCK)
                 log.warning("refusing %s: %s", who, exc)
                 _reject(child, RejectReason.NO_RESOURCES, "no resources")

@@ -34,6 +34,8 @@ from typing import Any, ClassVar
 from usdp._errors import NO_DEVICE_HINT, DeviceError, UsdpError, from_pyverbs, no_pyverbs
 from usdp._fdfind import COMP_CHANNEL, create_with_fd
 
+log = logging.getLogger("usdp")
+
 
 @contextlib.contextmanager
 def importing_pyverbs() -> Iterator[None]:
@@ -228,13 +230,45 @@ READ_WR_ID = 1 << 40
 PROBE_WR_ID = READ_WR_ID + 1
 
 
+#: Bytes a frame may have to go inline (``IBV_SEND_INLINE``: the HCA copies it from our
+#: memory at post time, so it needs no registered slot). Control frames and small DATA go
+#: this way; rxe allows up to 400, RDMA NICs typically more.
+INLINE_SIZE = 256
+#: Inline send slots per connection (unregistered memory, no registration cost).
+INLINE_SLOTS = 4
+
+
 class QPResources:
-    """The verbs objects of one connection."""
+    """The verbs objects of one connection, with rings that grow with use.
+
+    The QP and both CQs are created for the *largest* rings (``recv_max``, ``send_max``)
+    so that growing never touches them; the rings themselves start with ``recv_count``
+    receive slots and ``send_count`` registered send slots (plus ``INLINE_SLOTS``
+    unregistered inline ones, when the device takes inline sends) and grow by whole
+    registered segments (``grow_recv``/``grow_send``). Slot numbers are global and are
+    the work requests' ``wr_id``: receive slots 0..recv_slots-1; send slots are the inline
+    ones first, then the registered ones. ``recv_views``/``send_views`` hold one
+    ``memoryview`` per slot (the hot path indexes a list instead of computing offsets)
+    and are extended in place, so holders of the lists see new slots.
+    """
 
     def __init__(self, dev: Device, *, recv_count: int, recv_size: int, send_count: int,
-                 send_size: int) -> None:
+                 send_size: int, recv_max: int | None = None,
+                 send_max: int | None = None) -> None:
         self.dev = dev
         self._closed = False
+        self.recv_size, self.send_size = recv_size, send_size
+        self.recv_max = max(recv_count, recv_max or recv_count)
+        self.send_max = max(send_count, send_max or send_count)
+        self._segments: list[Ring] = []
+        self.recv_views: list[memoryview] = []
+        self.send_views: list[memoryview] = []
+        self.send_caps: list[int] = []  # bytes each send slot holds
+        self._recv_wrs: list[Any] = []
+        self._send_wrs: list[Any] = []
+        self._send_sges: list[Any] = []
+        self.inline_slots = 0
+        self.registered_bytes = 0
         ctx = dev.ctx
         try:
             self.send_comp, self.send_fd = create_with_fd(lambda: CompChannel(ctx), COMP_CHANNEL)
@@ -243,54 +277,148 @@ class QPResources:
             # readable; whoever reads second gets EAGAIN instead of blocking with the GIL.
             for fd in (self.send_fd, self.recv_fd):
                 fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
-            # A full CQ silently drops completions on rxe: size each for every WR it can see.
-            self.send_cq = CQ(ctx, send_count + 8, None, self.send_comp, 0)
-            self.recv_cq = CQ(ctx, recv_count + 8, None, self.recv_comp, 0)
-            # Room beyond the send slots for the RDMA read and the liveness probe (at most
-            # one of each outstanding), and spare.
-            cap = QPCap(max_send_wr=send_count + 4, max_recv_wr=recv_count,
-                        max_send_sge=1, max_recv_sge=1)
-            init = QPInitAttr(qp_type=e.IBV_QPT_RC, scq=self.send_cq, rcq=self.recv_cq,
-                              cap=cap, sq_sig_all=0)
-            self.qp = QP(dev.pd, init)
-            self.recv_ring = Ring(dev, recv_count, recv_size, e.IBV_ACCESS_LOCAL_WRITE)
-            self.send_ring = Ring(dev, send_count, send_size, e.IBV_ACCESS_LOCAL_WRITE)
+            # A full CQ silently drops completions on rxe: size each for every WR it can
+            # see, at the largest the rings may grow to (the QP's send queue has room
+            # beyond the slots for the RDMA read and the liveness probe, and spare).
+            send_wrs = self.send_max + INLINE_SLOTS
+            self.send_cq = CQ(ctx, send_wrs + 8, None, self.send_comp, 0)
+            self.recv_cq = CQ(ctx, self.recv_max + 8, None, self.recv_comp, 0)
+            self.qp = self._create_qp(dev, send_wrs + 4)
+            # The unregistered inline slots come first (they exist only if the QP takes
+            # inline data), then the first registered segments.
+            if self.inline_slots:
+                self._inline_mem = ctypes.create_string_buffer(INLINE_SLOTS * INLINE_SIZE)
+                iview = memoryview(self._inline_mem).cast("B")
+                base = ctypes.addressof(self._inline_mem)
+                for i in range(INLINE_SLOTS):
+                    self._add_send_slot(base + i * INLINE_SIZE, INLINE_SIZE, 0,
+                                        iview[i * INLINE_SIZE : (i + 1) * INLINE_SIZE])
+            self._add_recv(recv_count)
+            self._add_send(send_count)
         except PyverbsError as exc:
             self.close()
             raise verbs_error(exc, "creating the queue pair") from exc
         except BaseException:
             self.close()  # a ring failed to register: free what exists
             raise
-        # One receive WR per slot, built once (see the module docstring). RecvWR copies
-        # its SGE, so the temporary SGE is freed at once.
-        self._recv_wrs = []
-        for i in range(recv_count):
-            sge = SGE(self.recv_ring.addr + i * recv_size, recv_size, self.recv_ring.lkey)
-            self._recv_wrs.append(RecvWR(wr_id=i, num_sge=1, sg=[sge]))
-            sge.close()
-        # A SendWR pointed at an SGE's own struct (``sg_list``) lets us change the length in
-        # place; the WR's close() then frees that struct. (The SG list the constructor
-        # copied is lost: 16 bytes per slot per connection, unavoidable in pyverbs 44.)
-        self._send_sges = [SGE(self.send_ring.addr + i * send_size, send_size,
-                               self.send_ring.lkey) for i in range(send_count)]
-        self._send_wrs: list[Any] = []
-        for i, sge in enumerate(self._send_sges):
-            wr = SendWR(wr_id=i, opcode=e.IBV_WR_SEND, num_sge=1, sg=[sge], send_flags=0)
-            wr.sg_list = sge
-            self._send_wrs.append(wr)
         # One RDMA-read WR, re-aimed for every read (see the send WRs for why).
-        self._read_sge = SGE(self.send_ring.addr, 1, self.send_ring.lkey)
+        self._read_sge = SGE(0, 1, 0)
         self._read_wr = SendWR(wr_id=READ_WR_ID, opcode=e.IBV_WR_RDMA_READ, num_sge=1,
                                sg=[self._read_sge], send_flags=e.IBV_SEND_SIGNALED)
         self._read_wr.sg_list = self._read_sge
         # The liveness probe: a zero-length RDMA READ of the peer's address 0, rkey 0,
         # into nothing (pyverbs 44 refuses a WR without SGEs: one of length 0).
-        self._probe_sge = SGE(self.send_ring.addr, 0, self.send_ring.lkey)
+        # Aimed at the first receive segment (always registered, local write): a send
+        # ring may not exist yet.
+        first = self._segments[0]
+        self._probe_sge = SGE(first.addr, 0, first.lkey)
         self._probe_wr = SendWR(wr_id=PROBE_WR_ID, opcode=e.IBV_WR_RDMA_READ, num_sge=1,
                                 sg=[self._probe_sge], send_flags=e.IBV_SEND_SIGNALED)
         self._probe_wr.sg_list = self._probe_sge
         self._probe_wr.set_wr_rdma(0, 0)
         self.qp_num: int = self.qp.qp_num
+
+    def _create_qp(self, dev: Device, max_send_wr: int) -> Any:
+        """The RC QP, with inline sends if the device takes them (else without: then
+        every frame goes through a registered slot)."""
+        for inline in (INLINE_SIZE, 0):
+            cap = QPCap(max_send_wr=max_send_wr, max_recv_wr=self.recv_max,
+                        max_send_sge=1, max_recv_sge=1, max_inline_data=inline)
+            init = QPInitAttr(qp_type=e.IBV_QPT_RC, scq=self.send_cq, rcq=self.recv_cq,
+                              cap=cap, sq_sig_all=0)
+            try:
+                qp = QP(dev.pd, init)
+            except PyverbsError:
+                if inline:
+                    continue
+                raise
+            self.inline_slots = INLINE_SLOTS if inline else 0
+            return qp
+        raise AssertionError("unreachable")
+
+    # ------------------------------------------------------------------ rings
+
+    @property
+    def recv_slots(self) -> int:
+        return len(self.recv_views)
+
+    @property
+    def send_slots(self) -> int:
+        """Registered send slots (the inline ones not counted)."""
+        return len(self.send_views) - self.inline_slots
+
+    def _segment(self, count: int, size: int) -> Ring:
+        ring = Ring(self.dev, count, size, e.IBV_ACCESS_LOCAL_WRITE)
+        self._segments.append(ring)
+        self.registered_bytes += count * size
+        return ring
+
+    def _add_recv(self, count: int) -> list[int]:
+        if count <= 0:
+            return []
+        ring = self._segment(count, self.recv_size)
+        first = len(self.recv_views)
+        for i in range(count):
+            # RecvWR copies its SGE, so the temporary SGE is freed at once.
+            sge = SGE(ring.addr + i * ring.size, ring.size, ring.lkey)
+            self._recv_wrs.append(RecvWR(wr_id=first + i, num_sge=1, sg=[sge]))
+            sge.close()
+            self.recv_views.append(ring.slot(i))
+        return list(range(first, first + count))
+
+    def _add_send_slot(self, addr: int, size: int, lkey: int, view: memoryview) -> None:
+        # A SendWR pointed at an SGE's own struct (``sg_list``) lets us change the length
+        # in place; the WR's close() then frees that struct. (The SG list the constructor
+        # copied is lost: 16 bytes per slot per connection, unavoidable in pyverbs 44.)
+        sge = SGE(addr, size, lkey)
+        wr = SendWR(wr_id=len(self.send_views), opcode=e.IBV_WR_SEND, num_sge=1, sg=[sge],
+                    send_flags=0)
+        wr.sg_list = sge
+        self._send_sges.append(sge)
+        self._send_wrs.append(wr)
+        self.send_views.append(view)
+        self.send_caps.append(size)
+
+    def _add_send(self, count: int) -> list[int]:
+        if count <= 0:
+            return []
+        ring = self._segment(count, self.send_size)
+        first = len(self.send_views)
+        for i in range(count):
+            self._add_send_slot(ring.addr + i * ring.size, ring.size, ring.lkey, ring.slot(i))
+        return list(range(first, first + count))
+
+    def admit(self, nbytes: int) -> bool:
+        """May ``nbytes`` more be registered? (The budgeted subclass asks the budget.)"""
+        return True
+
+    def unadmit(self, nbytes: int) -> None:
+        """Give back what ``admit`` took, after a failed registration."""
+
+    def grow_recv(self, count: int) -> list[int]:
+        """Register and return up to ``count`` new receive slots (not yet posted); []
+        when the rings are at their maximum, the budget refuses or registration fails
+        (growth is an optimisation: the connection works at any size)."""
+        return self._grow(count, self.recv_max - self.recv_slots, self.recv_size,
+                          self._add_recv)
+
+    def grow_send(self, count: int) -> list[int]:
+        """Register and return up to ``count`` new send slots (free to use); [] as
+        ``grow_recv``."""
+        return self._grow(count, self.send_max - self.send_slots, self.send_size,
+                          self._add_send)
+
+    def _grow(self, count: int, room: int, size: int, add: Any) -> list[int]:
+        count = min(count, room)
+        if count <= 0 or self._closed or not self.admit(count * size):
+            return []
+        try:
+            slots: list[int] = add(count)
+        except (UsdpError, PyverbsError, OSError) as exc:
+            self.unadmit(count * size)
+            log.debug("growing a ring by %d slots failed: %s", count, exc)
+            return []
+        return slots
 
     # ------------------------------------------------------------------ QP states
 
@@ -335,7 +463,8 @@ class QPResources:
         self._send_sges[slot].length = length
         wr = self._send_wrs[slot]
         wr.send_flags = ((e.IBV_SEND_SIGNALED if signaled else 0)
-                         | (e.IBV_SEND_SOLICITED if solicited else 0))
+                         | (e.IBV_SEND_SOLICITED if solicited else 0)
+                         | (e.IBV_SEND_INLINE if slot < self.inline_slots else 0))
         try:
             self.qp.post_send(wr)
         except PyverbsRDMAError as exc:
@@ -424,7 +553,10 @@ class QPResources:
             wr.close()
         self._recv_wrs, self._send_wrs, self._send_sges = [], [], []
         self._read_wr = self._probe_wr = None
-        for ring in ("recv_ring", "send_ring"):
-            r = getattr(self, ring, None)
-            if r is not None:
-                r.close()
+        for view in self.recv_views + self.send_views:
+            view.release()
+        self.recv_views.clear()
+        self.send_views.clear()
+        for ring in self._segments:
+            ring.close()
+        self._segments = []

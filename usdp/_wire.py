@@ -117,7 +117,10 @@ HELLO_SIZE: Final = _HELLO.size  # 16: the minimum a Hello has
 # Appended after the 16 bytes (decoders ignore what they do not know, so a peer that sends
 # only 16 bytes, or the CM's zero padding, simply means "no features").
 _FEATURES = struct.Struct(">I")
-
+# After the features: the most receive buffers the sender's ring may grow to (0, as in the
+# CM's zero padding or a Hello without it: no growth beyond ``recv_bufs``).
+_MAX_BUFS = struct.Struct(">H")
+_MAX_BUFS_AT: Final = HELLO_SIZE + _FEATURES.size
 
 class Features(IntFlag):
     """Optional capabilities offered in a Hello; used only when both sides offer them."""
@@ -127,9 +130,12 @@ class Features(IntFlag):
     #: then arm its receive CQ solicited-only. A peer that does not offer it (an older
     #: usdp, a raw verbs peer) gets a receive CQ armed for every completion.
     SOLICIT = 2
+    #: "I accept credits from your ring as it grows, up to your ``max_recv_bufs``": the
+    #: peer may then start with a small ring and register more slots with use.
+    GROW = 4
 
 
-_KNOWN_FEATURES: Final = int(Features.ZCOPY | Features.SOLICIT)
+_KNOWN_FEATURES: Final = int(Features.ZCOPY | Features.SOLICIT | Features.GROW)
 
 
 NO_FEATURES: Final = Features(0)
@@ -431,6 +437,9 @@ class Hello:
         recv_buf_size: bytes per receive buffer, header included; the peer never sends a
             larger frame.
         max_msg: the largest frame this side will ever send.
+        features: optional capabilities offered (``Features``).
+        max_recv_bufs: the most receive buffers this side's ring may grow to (used only if
+            the peer offers ``Features.GROW``); 0 means ``recv_bufs`` (no growth).
 
     Raises:
         ValueError: on construction, for a kind or a field out of bounds (a local bug).
@@ -441,19 +450,32 @@ class Hello:
     recv_buf_size: int
     max_msg: int
     features: Features = NO_FEATURES
+    max_recv_bufs: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in (HandshakeKind.HELLO, HandshakeKind.HELLO_ACK):
             raise ValueError(f"a Hello cannot have kind {self.kind!r}")
-        problem = _hello_problem(self.recv_bufs, self.recv_buf_size, self.max_msg)
+        problem = _hello_problem(self.recv_bufs, self.recv_buf_size, self.max_msg) \
+            or _max_bufs_problem(self.recv_bufs, self.max_recv_bufs)
         if problem is not None:
             raise ValueError(problem)
 
+    @property
+    def ring_max(self) -> int:
+        """The most receive buffers this side may ever have posted."""
+        return self.max_recv_bufs or self.recv_bufs
+
     def encode(self) -> bytes:
-        """The 20 bytes to put in CM private data (fits the 56-byte connect limit)."""
+        """The 22 bytes to put in CM private data (fits the 56-byte connect limit)."""
         return _HELLO.pack(
             MAGIC, PROTOCOL_VERSION, self.kind, self.recv_bufs, self.recv_buf_size, self.max_msg
-        ) + _FEATURES.pack(int(self.features))
+        ) + _FEATURES.pack(int(self.features)) + _MAX_BUFS.pack(self.max_recv_bufs)
+
+
+def _max_bufs_problem(recv_bufs: int, max_recv_bufs: int) -> str | None:
+    if max_recv_bufs and not recv_bufs <= max_recv_bufs <= MAX_RECV_BUFS:
+        return f"max_recv_bufs={max_recv_bufs} outside {recv_bufs}..{MAX_RECV_BUFS}"
+    return None
 
 
 def _handshake_error(msg: str, reason: RejectReason) -> HandshakeError:
@@ -497,7 +519,13 @@ def decode_hello(data: Buffer, *, expect_kind: HandshakeKind) -> Hello:
         # Unknown bits are a newer peer's offers: ignore them.
         (raw,) = _FEATURES.unpack_from(data, HELLO_SIZE)
         features = Features(raw & _KNOWN_FEATURES)
-    return Hello(expect_kind, recv_bufs, recv_buf_size, max_msg, features)
+    max_recv_bufs = 0
+    if len(data) >= _MAX_BUFS_AT + _MAX_BUFS.size:
+        (max_recv_bufs,) = _MAX_BUFS.unpack_from(data, _MAX_BUFS_AT)
+        problem = _max_bufs_problem(recv_bufs, max_recv_bufs)
+        if problem is not None:
+            raise _handshake_error(f"{what}: {problem}", RejectReason.BAD_PARAMS)
+    return Hello(expect_kind, recv_bufs, recv_buf_size, max_msg, features, max_recv_bufs)
 
 
 @dataclass(frozen=True)
@@ -566,10 +594,9 @@ class Params:
     """What one connection uses, from our Hello and the peer's.
 
     Attributes:
-        local_recv_bufs: our receive ring size; the peer's initial credits.
+        local_recv_bufs: our receive ring's first size; the peer's initial credits.
         local_buf_size: bytes per receive slot on our side.
-        peer_recv_bufs: the peer's ring size; our initial credits, and the most credits we
-            can ever hold.
+        peer_recv_bufs: the peer's first ring size; our initial credits.
         peer_buf_size: bytes per receive slot on the peer's side.
         max_payload: largest DATA payload we send, so that no frame exceeds
             ``peer_buf_size`` nor our own ``max_msg``.
@@ -588,11 +615,22 @@ class Params:
     max_recv_frame: int
     zcopy: bool = False
     solicited: bool = False
+    #: The most our ring may grow to (the peer accepts the credits): ``local_recv_bufs``
+    #: unless the peer offered GROW. 0 means ``local_recv_bufs``.
+    local_max_recv_bufs: int = 0
+    #: The most the peer's ring may grow to, hence the most credits we can ever hold:
+    #: ``peer_recv_bufs`` unless we offered GROW. 0 means ``peer_recv_bufs``.
+    peer_max_recv_bufs: int = 0
 
     def __post_init__(self) -> None:
         for name in ("local_recv_bufs", "peer_recv_bufs"):
             if not MIN_RECV_BUFS <= getattr(self, name) <= MAX_RECV_BUFS:
                 raise ValueError(f"{name}={getattr(self, name)} out of bounds")
+        for name, least in (("local_max_recv_bufs", self.local_recv_bufs),
+                            ("peer_max_recv_bufs", self.peer_recv_bufs)):
+            value = getattr(self, name)
+            if value and not least <= value <= MAX_RECV_BUFS:
+                raise ValueError(f"{name}={value} out of bounds")
         if not 1 <= self.max_payload <= self.peer_buf_size - HEADER_SIZE:
             raise ValueError(f"max_payload={self.max_payload} does not fit the peer's buffers")
         if not HEADER_SIZE <= self.max_recv_frame <= self.local_buf_size:
@@ -623,4 +661,7 @@ def negotiate(local: Hello, peer: Hello) -> Params:
         max_recv_frame=min(local.recv_buf_size, peer.max_msg),
         zcopy=bool(local.features & peer.features & Features.ZCOPY),
         solicited=bool(local.features & peer.features & Features.SOLICIT),
+        # A ring grows only if the other side said it accepts the extra credits.
+        local_max_recv_bufs=local.ring_max if peer.features & Features.GROW else 0,
+        peer_max_recv_bufs=peer.ring_max if local.features & Features.GROW else 0,
     )

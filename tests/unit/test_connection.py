@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import random
 from collections import deque
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given, settings
@@ -26,6 +27,7 @@ from usdp._connection import (
     PeerAborted,
     PeerClosed,
     State,
+    recv_growth,
 )
 from usdp._errors import (
     BrokenPipe,
@@ -38,6 +40,8 @@ from usdp._errors import (
 from usdp._wire import (
     HEADER_SIZE,
     NO_SEQ,
+    Features,
+    Flags,
     HandshakeKind,
     Header,
     Hello,
@@ -542,6 +546,7 @@ class Side:
         # whole request before reading). TCP completes with such a peer as long as the other
         # side reads, so usdp must too; this is what drives credits into their corners.
         self.writer_first = False
+        self.grows = 0  # receive slots added by ring growth
 
     # I/O-layer primitives.
 
@@ -590,6 +595,17 @@ class Side:
             assert not isinstance(ev, PeerAborted)
         return True
 
+    def grow(self) -> bool:
+        want = self.conn.recv_growth()
+        if not want:
+            return False
+        slots = self.conn.add_recv_slots(want)
+        self.ring += [bytearray(self.conn.params.local_buf_size) for _ in slots]
+        self.posted.extend(slots)
+        self.conn.recv_reposted(len(slots))
+        self.grows += len(slots)
+        return True
+
     def read(self, n: int) -> int:
         if self.writer_first and self.to_write:
             return 0
@@ -603,8 +619,9 @@ class Side:
         self.unposted += self.conn.take_free_slots()
 
     def repost(self) -> bool:
+        grown = self.grow()  # as the endpoint does before every re-post
         if not self.unposted:
-            return False
+            return grown
         self.posted.extend(self.unposted)
         self.conn.recv_reposted(len(self.unposted))
         self.unposted = []
@@ -623,9 +640,12 @@ class Side:
         return progress
 
 
-def make_pair(n_a: int, s_a: int, n_b: int, s_b: int) -> tuple[Side, Side]:
-    ha = Hello(HandshakeKind.HELLO, n_a, s_a, s_a)
-    hb = Hello(HandshakeKind.HELLO_ACK, n_b, s_b, s_b)
+def make_pair(n_a: int, s_a: int, n_b: int, s_b: int, max_a: int = 0,
+              max_b: int = 0) -> tuple[Side, Side]:
+    """Two connected sides; ``max_a``/``max_b`` let a ring grow (both offer GROW)."""
+    grow = Features.GROW if max_a or max_b else Features(0)
+    ha = Hello(HandshakeKind.HELLO, n_a, s_a, s_a, grow, max_recv_bufs=max_a)
+    hb = Hello(HandshakeKind.HELLO_ACK, n_b, s_b, s_b, grow, max_recv_bufs=max_b)
     a = Side("a", Connection(negotiate(ha, hb)))
     b = Side("b", Connection(negotiate(hb, ha)))
     a.peer, b.peer = b, a
@@ -667,9 +687,11 @@ def random_run(
     len_b: int,
     steps: int,
     writer_first: bool = False,
+    max_a: int = 0,
+    max_b: int = 0,
 ) -> tuple[Side, Side]:
     rng = random.Random(seed)
-    a, b = make_pair(n_a, s_a, n_b, s_b)
+    a, b = make_pair(n_a, s_a, n_b, s_b, max_a, max_b)
     a.writer_first = writer_first
     data_a, data_b = rng.randbytes(len_a), rng.randbytes(len_b)
     a.to_write[:] = data_a
@@ -728,6 +750,92 @@ def test_pair_tiny_rings(seed: int, writer_first: bool) -> None:
 @pytest.mark.parametrize("seed", range(5))
 def test_pair_asymmetric(seed: int) -> None:
     random_run(seed, 4, 64, 64, 4096, 20000, 300, steps=2000)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**32),
+    max_a=st.sampled_from([4, 5, 16, 64]),
+    max_b=st.sampled_from([4, 8, 16, 33]),
+    len_a=st.integers(0, 6000),
+    len_b=st.integers(0, 6000),
+    writer_first=st.booleans(),
+)
+def test_pair_random_streams_growing_rings(
+    seed: int, max_a: int, max_b: int, len_a: int, len_b: int, writer_first: bool
+) -> None:
+    """Rings that start at 4 slots and grow with use: no deadlock, no RNR (``transmit``
+    asserts a posted buffer for every frame), every byte in order, whatever the schedule."""
+    a, b = random_run(seed, 4, 64, 4, 64, len_a, len_b, steps=600,
+                      writer_first=writer_first, max_a=max_a, max_b=max_b)
+    for side, most in ((a, max_a), (b, max_b)):
+        assert 4 <= side.conn.ring_size == 4 + side.grows <= most
+
+
+def test_pair_stream_grows_the_receiver_to_its_maximum() -> None:
+    a, b = make_pair(4, 1024, 4, 1024, max_a=16, max_b=16)
+    data = random.Random(2).randbytes(300_000)
+    a.to_write[:] = data
+    run_to_quiescence(a, b, max_rounds=10_000)
+    check_quiescent_and_closed(a, b, data, b"")
+    assert b.conn.ring_size == 16  # the reader's ring grew: 4 -> 8 -> 16
+    assert a.conn.ring_size == 4  # the writer received only credit updates and DISCONN
+    assert b.conn.tx_credits <= 4  # and the writer never returned more than it had
+
+
+def _pump_until(a: Side, b: Side, done: Callable[[], bool]) -> None:
+    for _ in range(100):
+        if done():
+            return
+        a.step_all()
+        b.step_all()
+    raise AssertionError("no progress")
+
+
+def test_pair_request_response_does_not_grow() -> None:
+    a, b = make_pair(4, 1024, 4, 1024, max_a=16, max_b=16)
+    a.shut = b.shut = True  # no DISCONN: the write() helper would send one when done
+    for i in range(1, 51):
+        msg = bytes([i]) * 100
+        a.to_write[:] = msg
+        _pump_until(a, b, lambda: len(b.received) == 100 * i)  # noqa: B023
+        b.to_write[:] = msg
+        _pump_until(a, b, lambda: len(a.received) == 100 * i)  # noqa: B023
+    assert a.conn.ring_size == 4 and b.conn.ring_size == 4
+    assert bytes(a.received) == bytes(b.received)
+
+
+def test_recv_growth_policy() -> None:
+    # The peer just spent its last data credit and our reader keeps up: double.
+    assert recv_growth(4, 16, peer_credits=1, held=1) == 4
+    assert recv_growth(8, 16, peer_credits=0, held=2) == 8
+    assert recv_growth(12, 16, peer_credits=1, held=1) == 4  # capped at the maximum
+    assert recv_growth(16, 16, peer_credits=1, held=1) == 0
+    assert recv_growth(4, 16, peer_credits=2, held=1) == 0  # the peer is not window-bound
+    assert recv_growth(4, 16, peer_credits=1, held=3) == 0  # a slow reader: no more memory
+
+
+def test_add_recv_slots_checks_the_maximum() -> None:
+    a, _b = make_pair(4, 1024, 4, 1024, max_a=6, max_b=6)
+    assert a.conn.add_recv_slots(2) == [4, 5]
+    with pytest.raises(ValueError, match="max 6"):
+        a.conn.add_recv_slots(1)
+    plain, _ = make_pair(4, 1024, 4, 1024)
+    assert plain.conn.ring_max == 4
+
+
+def test_hostile_returns_credits_beyond_its_announced_maximum() -> None:
+    """A growing peer may return credits for new slots, but never beyond its maximum."""
+    a, b = make_pair(4, 1024, 4, 1024, max_a=16, max_b=8)
+    b.conn.add_recv_slots(4)
+    b.conn.recv_reposted(4)
+    h = b.conn.next_control()  # 4 owed reach the new half-ring threshold
+    assert h is not None and h.mid is Mid.CREDIT_UPDATE and h.bufs == 4
+    b.transmit(h)
+    assert a.deliver() and a.conn.tx_credits == 8
+    forged = Header(Mid.CREDIT_UPDATE, Flags(0), 1, HEADER_SIZE, 1, U32)
+    with pytest.raises(ProtocolError, match="credit overflow"):
+        a.conn.on_frame(a.posted.popleft(), encode_header(forged))
 
 
 def test_pair_eager_io_layer_efficiency() -> None:

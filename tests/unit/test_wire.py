@@ -253,9 +253,9 @@ def hello(kind: HandshakeKind = HandshakeKind.HELLO, bufs: int = 64, size: int =
 def test_hello_layout_and_size() -> None:
     data = Hello(HandshakeKind.HELLO_ACK, 64, 32768, 65536, Features.ZCOPY).encode()
     assert data == (b"USDP" + bytes([PROTOCOL_VERSION, 1])
-                    + struct.pack(">HIII", 64, 32768, 65536, 1))
+                    + struct.pack(">HIIIH", 64, 32768, 65536, 1, 0))
     assert HELLO_SIZE == 16
-    assert len(data) == 20 <= MAX_CONNECT_PRIVATE_DATA
+    assert len(data) == 22 <= MAX_CONNECT_PRIVATE_DATA
 
 
 def test_hello_without_features_field_offers_none() -> None:
@@ -263,10 +263,40 @@ def test_hello_without_features_field_offers_none() -> None:
     old = decode_hello(full[:HELLO_SIZE], expect_kind=HandshakeKind.HELLO)
     assert old.features == Features(0)
     assert decode_hello(full, expect_kind=HandshakeKind.HELLO).features == Features.ZCOPY
-    unknown = full[:HELLO_SIZE] + struct.pack(">I", 0xFFFF_FFFC)  # a newer peer's bits
+    unknown = full[:HELLO_SIZE] + struct.pack(">I", 0xFFFF_FFF8)  # a newer peer's bits
     assert decode_hello(unknown, expect_kind=HandshakeKind.HELLO).features == Features(0)
-    both = full[:HELLO_SIZE] + struct.pack(">I", 0xFFFF_FFFE)
+    both = full[:HELLO_SIZE] + struct.pack(">I", 0xFFFF_FFFA)
     assert decode_hello(both, expect_kind=HandshakeKind.HELLO).features == Features.SOLICIT
+
+
+def test_grow_max_recv_bufs_round_trip_and_negotiation() -> None:
+    grow = Features.ZCOPY | Features.GROW
+    small = Hello(HandshakeKind.HELLO, 4, 65536, 65536, grow, max_recv_bufs=16)
+    data = small.encode()
+    assert struct.unpack_from(">H", data, 20) == (16,)
+    back = decode_hello(data, expect_kind=HandshakeKind.HELLO)
+    assert back == small and back.ring_max == 16
+    # The CM pads private data with zeros: an older peer's Hello means "no growth".
+    old = Hello(HandshakeKind.HELLO, 16, 65536, 65536, Features.ZCOPY).encode()[:20]
+    padded = decode_hello(old + bytes(36), expect_kind=HandshakeKind.HELLO)
+    assert padded.max_recv_bufs == 0 and padded.ring_max == 16
+    # Each side's ring grows only if the *other* side accepts the credits (GROW).
+    params = negotiate(small, small)
+    assert (params.local_max_recv_bufs, params.peer_max_recv_bufs) == (16, 16)
+    plain = Hello(HandshakeKind.HELLO_ACK, 16, 65536, 65536, Features.ZCOPY)
+    params = negotiate(small, plain)
+    assert (params.local_max_recv_bufs, params.peer_max_recv_bufs) == (0, 16)
+    params = negotiate(plain, small)
+    assert (params.local_max_recv_bufs, params.peer_max_recv_bufs) == (16, 0)
+
+
+def test_grow_max_below_initial_is_rejected() -> None:
+    with pytest.raises(ValueError, match="max_recv_bufs"):
+        Hello(HandshakeKind.HELLO, 8, 65536, 65536, max_recv_bufs=4)
+    data = Hello(HandshakeKind.HELLO, 8, 65536, 65536).encode()[:20] + struct.pack(">H", 5)
+    with pytest.raises(HandshakeError) as err:
+        decode_hello(data, expect_kind=HandshakeKind.HELLO)
+    assert err.value.reason is RejectReason.BAD_PARAMS
 
 
 def test_solicited_receives_only_when_both_offer() -> None:
