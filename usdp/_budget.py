@@ -4,9 +4,10 @@ without bound.
 A connection's rings are registered before any data flows, and on the passive side before
 the peer has proven anything: without a bound, a burst of Hellos would pin memory until
 ``ibv_reg_mr`` fails (RLIMIT_MEMLOCK) or the machine swaps. Every connection reserves its
-rings' bytes here first; a reservation beyond the budget is refused, which the listener
-turns into ``Reject(NO_RESOURCES)`` (the client sees ECONNREFUSED) and ``connect`` into
-ENOBUFS. Sans-I/O: only counts bytes.
+rings' first segment here first, and every later growth of a ring its new segment (a
+refused growth leaves the ring as it is); a reservation beyond the budget is refused,
+which the listener turns into ``Reject(NO_RESOURCES)`` (the client sees ECONNREFUSED) and
+``connect`` into ENOBUFS. Sans-I/O: only counts bytes.
 """
 
 from __future__ import annotations

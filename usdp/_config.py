@@ -129,13 +129,17 @@ class Options:
             default because a zero-copy send that times out must abort the connection
             (there is no SrcAvailCancel): a drop-in program's ``settimeout`` would turn
             into connection aborts. See docs/protocol.md section 10.
-        recv_bufs: receive slots posted = credits granted to the peer.
+        recv_bufs: receive slots posted = credits granted to the peer, at most: the ring
+            starts with 4 and doubles up to this with use when the peer offers GROW
+            (docs/protocol.md section 5b), so an idle connection pins 256 KiB, not 1 MiB.
         recv_buf_size: bytes per receive slot, header included. 16 x 64 KiB (a 1 MiB
             window) was measured by ``experiments/sweep_buffers.py`` at 0.98 of the best shape
             tried (32 x 64 KiB, 2 MiB window) for 2/3 of its memory; 32 KiB slots reached
             0.69-0.90 and 8-16 KiB slots 0.27-0.63: per-frame Python cost dominates, so
             bigger frames win until the window stops mattering. See docs/protocol.md.
-        send_bufs: registered send slots; a send is copied into one and posted.
+        send_bufs: registered send slots, at most; a send is copied into one and posted.
+            None is registered at setup (frames of up to 256 bytes go inline); they are
+            added, doubling, when a send finds none free while it has credits.
         defer: the seed's deferral: a CQ event that arrives while a user call owns the
             connection only sets a pending flag (``USDP_DEFER=0`` turns it off, to measure).
         signal_every: request a send completion every N sends (pyverbs polls cost per

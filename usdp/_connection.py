@@ -752,6 +752,11 @@ class Connection:
         """The most receive slots our ring may have (the peer accepts their credits)."""
         return self._ring_max
 
+    @property
+    def peer_ring_max(self) -> int:
+        """The most receive slots the peer's ring may have: the most credits we can hold."""
+        return self._peer_max
+
     def recv_growth(self) -> int:
         """Receive slots worth adding now (see :func:`recv_growth`); call it whenever
         slots are about to be re-posted (after a read, after a frame)."""

@@ -592,6 +592,7 @@ class Endpoint:
             "registered_bytes": self.res.registered_bytes,
             "recv_slots": self.conn.ring_size,
             "recv_slots_max": self.conn.ring_max,
+            "peer_recv_bufs_max": self.conn.peer_ring_max,
             "send_slots": self.res.send_slots,
             "send_slots_max": self.res.send_max,
             "inline_slots": self.res.inline_slots,

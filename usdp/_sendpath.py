@@ -34,7 +34,7 @@ from usdp._signaling import (
     signal_send,
     solicit_data,
 )
-from usdp._verbs import WC_FLUSH, WC_SUCCESS, QPResources
+from usdp._verbs import INLINE_SIZE, WC_FLUSH, WC_SUCCESS, QPResources
 from usdp._wire import HEADER_SIZE, Header, Mid, pack_header_into
 
 
@@ -84,9 +84,23 @@ class SendPath:
         """A slot is free now: a control frame (always small) can be posted."""
         return bool(self.ifree or self.free)
 
-    def _avail(self) -> int:
-        """Slots a send could take now, counting one more if the ring may still grow."""
-        return len(self.ifree) + len(self.free) + self._growable
+    def _big_avail(self) -> int:
+        """Registered slots a send could take now, one more if the ring may still grow
+        (and the inline slots if there is no registered ring and there will be none: a
+        refused first growth must not stop the stream, only shorten its frames)."""
+        n = len(self.free) + self._growable
+        if not n and not self.res.send_slots:
+            n = len(self.ifree)
+        return n
+
+    def _avail_for(self, nbytes: int) -> int:
+        """Slots a send of ``nbytes`` payload could take now. A large send never takes an
+        inline slot while the registered ring exists: it would spend a credit (and a 64 KiB
+        buffer of the peer's) on a 240-byte frame; it waits for a registered slot (the
+        post that leaves none free is signaled, so its completion comes)."""
+        if nbytes + HEADER_SIZE <= INLINE_SIZE:
+            return len(self.ifree) + len(self.free) + self._growable
+        return self._big_avail()
 
     def _grow(self) -> bool:
         """Register more send slots (doubling, up to the maximum); False if the ring is
@@ -104,14 +118,15 @@ class SendPath:
 
         Inline if the frame fits one (no copy into registered memory, no slot of the
         registered ring in use); else a registered slot, growing the ring when none is
-        free; else an inline slot anyway (the caller then sends a shorter frame).
+        free; else, with no registered ring at all, an inline slot anyway (the caller then
+        sends a shorter frame).
         ``big`` (a cork that will gather small sends) prefers a registered slot.
         """
-        if not big and self.ifree and nbytes <= self._caps[self.ifree[0]]:
+        if not big and self.ifree and nbytes <= INLINE_SIZE:
             return self.ifree.popleft()
         if self.free or self._grow():
             return self.free.popleft()
-        if self.ifree:
+        if self.ifree and (nbytes <= INLINE_SIZE or not self.res.send_slots):
             return self.ifree.popleft()
         return None
 
@@ -152,8 +167,13 @@ class SendPath:
                    waited_on: bool = False) -> None:
         conn = self.conn
         credit_after = conn.data_credit_ok()
+        # "The pool runs dry": for a registered slot, the registered pool (a large send
+        # waits for those); for an inline one, every slot.
+        free_after = len(self.free) + self._growable
+        if slot < self._ninline:
+            free_after += len(self.ifree)
         signaled = signal_send(self.policy, control=waited_on, unsignaled_run=self._unsignaled,
-                               free_slots_after=len(self.free) + len(self.ifree),
+                               free_slots_after=free_after,
                                credit_ok_after=credit_after,
                                inflight_before=len(self.inflight),
                                signaled_inflight=self.signaled_inflight)
@@ -230,7 +250,7 @@ class SendPath:
         (a spare slot, or room left in the cork)."""
         if self.cork is not None:
             return self.cork_len < self._cork_cap
-        avail = self._avail()
+        avail = self._avail_for(self.conn.max_payload)  # whatever the send's size
         return avail >= 2 or (avail >= 1 and self.conn.data_credit_ok())
 
     def can_take(self, nbytes: int) -> bool:
@@ -238,7 +258,7 @@ class SendPath:
         credit = self.conn.data_credit_ok()
         if self.cork is not None:
             return self.cork_len < self._cork_cap or credit
-        avail = self._avail()
+        avail = self._avail_for(nbytes)
         if credit and avail:
             return True
         return nbytes < self.conn.max_payload and avail >= 2
@@ -298,7 +318,7 @@ class SendPath:
                     break  # a full cork waits for a credit
                 continue
             remaining = total - sent
-            avail = self._avail()
+            avail = self._avail_for(remaining)
             if avail and conn.data_credit_ok() and not (
                     avail >= 2 and should_cork(remaining, maxp, nodelay=self.nodelay,
                                                signaled_inflight=self.signaled_inflight)):
@@ -307,7 +327,7 @@ class SendPath:
                     break  # the ring could not grow after all
                 n = min(maxp, remaining, self._caps[slot] - HEADER_SIZE)
                 self._post_in(slot, conn.data_header(n), data[sent : sent + n],
-                              last=remaining - n < maxp or not self._avail())
+                              last=remaining - n < maxp or not self._avail_for(remaining - n))
                 sent += n
                 continue
             if (remaining < maxp or nonblocking) and avail >= 2:

@@ -284,6 +284,13 @@ class QPResources:
             self.send_cq = CQ(ctx, send_wrs + 8, None, self.send_comp, 0)
             self.recv_cq = CQ(ctx, self.recv_max + 8, None, self.recv_comp, 0)
             self.qp = self._create_qp(dev, send_wrs + 4)
+            if not self.inline_slots and send_count < 2:
+                # No inline sends on this device: control frames need registered slots
+                # from the start (two: one stays free for them).
+                if not self.admit((2 - send_count) * send_size):
+                    raise UsdpError(errno.ENOBUFS, "no inline sends on this device, and no "
+                                    "memory budget left for two send slots")
+                send_count = 2
             # The unregistered inline slots come first (they exist only if the QP takes
             # inline data), then the first registered segments.
             if self.inline_slots:
@@ -554,7 +561,8 @@ class QPResources:
         self._recv_wrs, self._send_wrs, self._send_sges = [], [], []
         self._read_wr = self._probe_wr = None
         for view in self.recv_views + self.send_views:
-            view.release()
+            with contextlib.suppress(BufferError):  # still exported: goes with its user
+                view.release()
         self.recv_views.clear()
         self.send_views.clear()
         for ring in self._segments:

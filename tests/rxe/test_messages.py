@@ -73,8 +73,8 @@ def test_listen_on_a_foreign_address(port: int, rxe_dev: str) -> None:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop CAP_IPC_LOCK (the bed is)")
 def test_memlock_limit_is_named(host_a: str, port: int) -> None:
-    """Without CAP_IPC_LOCK and with a 256 KiB RLIMIT_MEMLOCK, the 1 MiB receive ring
-    cannot be registered: the error says which limit and how to raise it."""
+    """Without CAP_IPC_LOCK and with a 128 KiB RLIMIT_MEMLOCK, the first 256 KiB of the
+    receive ring cannot be registered: the error says which limit and how to raise it."""
     code = ("import sys, usdp\n"
             "try:\n"
             "    usdp.create_connection((sys.argv[1], int(sys.argv[2])), timeout=30)\n"
@@ -83,7 +83,7 @@ def test_memlock_limit_is_named(host_a: str, port: int) -> None:
     with usdp.SdpSocket() as lst:
         lst.bind((host_a, port))
         lst.listen()
-        p = subprocess.run(["prlimit", "--memlock=262144:262144", "setpriv",
+        p = subprocess.run(["prlimit", "--memlock=131072:131072", "setpriv",
                             "--bounding-set=-ipc_lock", "--inh-caps=-ipc_lock", "--",
                             sys.executable, "-c", code, host_a, str(port)],
                            capture_output=True, text=True, timeout=120)

@@ -102,9 +102,12 @@ def test_bulk_transfer_grows_both_rings(host_a: str, port: int) -> None:
 
 
 def _raise_nofile(need: int) -> None:
+    """Soft limit up to ``need`` fds (the hard limit too, as root, if it is lower)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < need and os.geteuid() == 0:
+        hard = need
     if soft != resource.RLIM_INFINITY and soft < need:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(need, hard), hard))
 
 
 class _EchoLoop:

@@ -189,8 +189,9 @@ def test_a_hello_cannot_make_the_server_pin_memory(host_a: str, port: int) -> No
 def test_the_registered_memory_budget_refuses_and_releases(host_a: str, port: int) -> None:
     from usdp._budget import BUDGET
 
-    # Our receive ring, and send slots of the negotiated frame size (the raw peer's slot).
-    ring = SMALL.recv_bufs * SMALL.recv_buf_size + SMALL.send_bufs * min(SLOT, 8192)
+    # What a connection reserves at setup: its receive ring (whole, for a peer without
+    # GROW, as the raw peer; send slots are registered only when sends need them).
+    ring = SMALL.recv_bufs * SMALL.recv_buf_size
     opts = usdp.Options(recv_bufs=4, recv_buf_size=8192, send_bufs=4,
                         mr_budget=BUDGET.used + ring + ring // 2)
     with listening(host_a, port, options=opts) as lst:
@@ -228,15 +229,17 @@ def test_a_failed_ring_allocation_is_refused_with_no_resources(host_a: str, port
     silently closed CM id, and leaks nothing."""
     _warm_up(host_a, port + 1)
     base = _settled_snapshot()
-    big = usdp.Options(recv_bufs=4096, recv_buf_size=64 * 1024, mr_budget=1 << 40)
+    # A usdp client lets the ring grow, so the server maps only its first 4 slots at
+    # setup: 4 x 16 MiB (the largest slots) to exceed the address-space limit below.
+    big = usdp.Options(recv_bufs=16, recv_buf_size=16 << 20, mr_budget=1 << 40)
     with listening(host_a, port, options=big):
         c = usdp.SdpSocket(options=SMALL)
         c.settimeout(CONNECT)
         soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-        resource.setrlimit(resource.RLIMIT_AS, (_vmsize() + (64 << 20), hard))
+        resource.setrlimit(resource.RLIMIT_AS, (_vmsize() + (32 << 20), hard))
         try:
             with pytest.raises(ConnectionRefusedError, match="NO_RESOURCES"):
-                c.connect((host_a, port))  # the server's 256 MiB ring cannot be mapped
+                c.connect((host_a, port))  # the server's 64 MiB first segment cannot be mapped
         finally:
             resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
             c.close()
