@@ -403,6 +403,11 @@ class Endpoint:
             if self.sp.cork is not None:  # corked bytes go first: the stream stays in order
                 self.wait(lambda: self.sp.cork is None or self._stopped(), timeout, "send")
                 self._check_send()
+            # Posting the cork may have spent the credits the SrcAvail needs (likelier
+            # with a peer ring that starts small): wait for them and a slot.
+            self.wait(lambda: (self.conn.data_credit_ok() and self.sp.has_slot())
+                      or self._stopped(), timeout, "send")
+            self._check_send()
             return self.zc.send(data, timeout)
         self._sent_since_recv = True
         n = self.sp.send_bcopy(data, timeout == 0.0)
