@@ -328,7 +328,7 @@ class Connection:
         self._threshold = max(1, params.local_recv_bufs // 2)
         self._slots = bytearray(params.local_recv_bufs)  # _POSTED/_HELD/_FREE per slot
         self._ring_max = params.local_max_recv_bufs or params.local_recv_bufs
-        self._held = 0  # slots holding unread DATA
+        self._held_slots = 0  # slots holding unread DATA
         # The peer's ring may grow: the most credits we can hold, and how many credits
         # beyond the frames we sent it may return (its new slots).
         self._peer_max = params.peer_max_recv_bufs or params.peer_recv_bufs
@@ -501,7 +501,7 @@ class Connection:
             events.append(CreditsReturned(h.bufs))
         if mid is Mid.DATA:
             n = h.length - HEADER_SIZE
-            self._held += 1
+            self._held_slots += 1
             self._slots[slot] = _HELD
             self._segments.append(_Segment(slot, HEADER_SIZE, n))
             self._readable += n
@@ -556,7 +556,7 @@ class Connection:
         while self._segments:
             seg = self._segments.popleft()
             if isinstance(seg, _Segment):
-                self._held -= 1
+                self._held_slots -= 1
                 self._release(seg.slot)
         self._readable = 0
         self._held = 0
@@ -586,7 +586,7 @@ class Connection:
             if n >= seg.length:
                 segments.popleft()
                 chunks.append(Chunk(seg.slot, seg.offset, seg.length, True))
-                self._held -= 1
+                self._held_slots -= 1
                 self._release(seg.slot)
                 n -= seg.length
                 self._readable -= seg.length
@@ -763,7 +763,7 @@ class Connection:
         if len(self._slots) >= self._ring_max or self._error is not None \
                 or self._rd_closed:
             return 0
-        return recv_growth(len(self._slots), self._ring_max, self._peer_credits, self._held)
+        return recv_growth(len(self._slots), self._ring_max, self._peer_credits, self._held_slots)
 
     def add_recv_slots(self, count: int) -> list[int]:
         """The I/O layer registered ``count`` more receive slots: their numbers. Post
