@@ -7,7 +7,9 @@ This is where the parts of a connection meet:
 * ``SendPath`` (``_sendpath``): send slots, signaling, solicitation, the cork;
 * ``Zcopy`` (``_zcopy``): SrcAvail out, RDMA reads in;
 * ``Readiness`` (``_readiness``): the fd that select/selectors/asyncio wait on;
-* ``AckWatch`` (``_liveness``): the ack watchdog and keepalive decisions.
+* ``AckWatch`` (``_liveness``): the ack watchdog and keepalive decisions;
+* ``LivenessTicker`` (``_ticker``): acts on those decisions every tick (probes, DEAD);
+* ``Closer`` (``_closing``): our EOF, ``close``, the background delivery, the teardown.
 
 Every access to the ``Connection`` and the rings happens while owning the connection's
 ``ConnLock``: user calls take it (``send``, ``recv_into``, ...), the completion thread takes
@@ -21,10 +23,10 @@ from __future__ import annotations
 import errno
 import logging
 import time
-import weakref
 from typing import Any
 
-from usdp import _cm, _orphans
+from usdp import _cm
+from usdp._closing import Closer
 from usdp._connection import Connection, State
 from usdp._engine import BOTH, RECV, SEND, Engine
 from usdp._errors import (
@@ -35,11 +37,12 @@ from usdp._errors import (
     error_from_errno,
     from_wc,
 )
-from usdp._liveness import AckWatch, Probe, Verdict
+from usdp._liveness import AckWatch
 from usdp._progress import progress
 from usdp._readiness import Readiness
 from usdp._sendpath import SendPath
 from usdp._signaling import SignalPolicy
+from usdp._ticker import LivenessTicker
 from usdp._verbs import PROBE_WR_ID, READ_WR_ID, WC_FLUSH, WC_SUCCESS, QPResources
 from usdp._wire import Params
 from usdp._zcopy import Zcopy
@@ -67,10 +70,7 @@ class Endpoint:
                  busy_poll: float = BUSY_POLL) -> None:
         self.cmid, self.channel, self.res = cmid, channel, res
         self.zcopy_threshold = zcopy_threshold if params.zcopy else 0
-        self.liveness = AckWatch(time.monotonic(), ack_timeout)  # see _tick
-        self._ticking = False
-        self._probing = False  # the zero-length READ probe is posted and not completed
-        self._probes = 0  # READ probes posted (stats: "probes")
+        self.liveness = AckWatch(time.monotonic(), ack_timeout)  # see LivenessTicker
         self._send_waits = 0  # user calls waiting in _wait_writable (for the peer)
         self.conn = Connection(params)
         policy = SignalPolicy(every=max(1, min(signal_every,
@@ -82,7 +82,7 @@ class Endpoint:
             on_send_wc=self._on_send_wc, on_recv_wc=self._on_recv_wc, after=self._after,
             send_events_needed=self._send_events_needed,
             sends_outstanding=lambda: self.sp.outstanding() or self.zc.reading,
-            eager=lambda: self.readiness is not None or self._orphaned,
+            eager=lambda: self.readiness is not None or self.closer.orphaned,
             name=f"qp{res.qp_num}")
         self.lock = self.engine.lock
         self.zc = Zcopy(res, self.conn, self.sp, self.liveness,
@@ -90,18 +90,23 @@ class Endpoint:
                         peer_gone=lambda: self.peer_gone or self.closing)
         self.peer_gone = False  # CM DISCONNECTED seen
         self._cm_gone_pending = False  # ... and not yet handled by a drain
-        self.closing = False  # close() was called: user calls fail with EBADF
-        self.closed = False  # torn down (``_destroy`` ran)
         self.rd_shut = False  # shutdown(SHUT_RD): recv returns what is queued, then 0
-        self._orphaned = False  # closed by the user, still delivering (see ``close``)
-        self._orphan_deadline = 0.0
         self.readiness: Readiness | None = None
+        self.ticker = LivenessTicker(
+            res, self.conn, self.sp, self.engine, self.liveness, cmid, fail=self._fail,
+            broken=self._broken, closed=lambda: self.closed,
+            send_waits=lambda: self._send_waits,
+            eof_pending=lambda: self.closer.eof_pending, on_dead=self._on_dead)
+        self.closer = Closer(
+            res, self.conn, self.sp, self.engine, self.zc, self.ticker, cmid, channel,
+            abort=self.abort, update_readiness=self._update_readiness, repost=self._repost,
+            release_views=self._release_views, readiness=lambda: self.readiness,
+            peer_gone=lambda: self.peer_gone)
         self._recv_completions = 0
         self._send_completions = 0
         self._cm_events = 0
         self._corked_sends = 0
         self._sent_since_recv = True  # a user send since the last recv wait
-        self._eof_pending = False  # shutdown(SHUT_WR) waits for the cork to go first
         self._rviews = res.recv_views  # one view per receive slot; grows in place
         self._recv_growable = self.conn.ring_size < self.conn.ring_max
 
@@ -115,7 +120,7 @@ class Endpoint:
         p.register(self.channel.fd, self._on_cm_event)
         with self.lock:
             self.engine.poll_all()
-        self._update_ticker()
+        self.ticker.update()
 
     def _on_cm_event(self) -> None:
         """Completion thread: the connection's own CM channel fired (DISCONNECTED, mostly)."""
@@ -138,8 +143,9 @@ class Endpoint:
         EOF waits for it, a readiness-fd user may wait for writability, a closed
         connection delivers in the background, or an RDMA read is in flight (a
         non-blocking reader said EAGAIN and waits for its bytes)."""
-        return self.sp.needs_completion() or self._eof_pending or self.zc.reading \
-            or ((self.readiness is not None or self._orphaned) and bool(self.sp.inflight))
+        return self.sp.needs_completion() or self.closer.eof_pending or self.zc.reading \
+            or ((self.readiness is not None or self.closer.orphaned)
+                and bool(self.sp.inflight))
 
     def _handle_peer_gone(self) -> None:
         """The peer disconnected (owner only, after both CQs were drained)."""
@@ -156,8 +162,8 @@ class Endpoint:
 
     def _after(self) -> None:
         """After completions were processed (owner): disconnect, cork, control, readiness."""
-        if self._eof_pending:
-            self._advance_eof()
+        if self.closer.eof_pending:
+            self.closer.advance_eof()
         if self._cm_gone_pending:
             # Every frame the peer sent came before its disconnect: take them all (its
             # DISCONN among them) before judging EOF or reset. A drain of one CQ only, or
@@ -168,8 +174,8 @@ class Endpoint:
             self.sp.flush_cork()  # posts only if due and a credit allows (never after an error)
         self.sp.send_control()
         self._update_readiness()
-        if self._orphaned:
-            self._orphan_step()
+        if self.closer.orphaned:
+            self.closer.orphan_step()
 
     def _on_recv_wc(self, wc: Any) -> None:
         self._recv_completions += 1
@@ -232,7 +238,7 @@ class Endpoint:
             # cause of its own (``_on_flush`` looks for the cause, and says nothing once
             # we are closing). Any other status fails the connection as a send's does
             # (the QP is in error by now anyway), unless an error is latched already.
-            self._probing = False
+            self.ticker.probing = False
             self.liveness.completed(time.monotonic())
             if wc.status == WC_FLUSH:
                 self._on_flush()
@@ -265,13 +271,11 @@ class Endpoint:
 
     def set_keepalive(self, interval: float) -> None:
         """Probe the peer after ``interval`` seconds of silence (0 turns it off)."""
-        self.liveness.keepalive = interval
-        self._update_ticker()
+        self.ticker.set_keepalive(interval)
 
     def set_ack_timeout(self, seconds: float) -> None:
         """Declare the peer dead when a send stays unacknowledged this long (0: never)."""
-        self.liveness.ack_timeout = seconds
-        self._update_ticker()
+        self.ticker.set_ack_timeout(seconds)
 
     def set_nodelay(self, on: bool) -> None:
         """``TCP_NODELAY``: no auto-cork; a cork already open goes out with the next send."""
@@ -281,86 +285,11 @@ class Endpoint:
         """``SO_BUSY_POLL``: the most a blocking call busy-polls before it sleeps."""
         self.engine.busy_poll = max(0.0, seconds)
 
-    def _update_ticker(self) -> None:
-        want = self.liveness.active and not self.closed
-        if want != self._ticking:
-            self._ticking = want
-            if want:
-                progress().add_ticker(self._tick)
-            else:
-                progress().remove_ticker(self._tick)
-
-    def _tick(self, now: float) -> None:
-        """Completion thread, every TICK: act on the liveness verdict (``_liveness``).
-
-        DEAD fails the connection with ECONNRESET, waking every waiter. PROBE posts a
-        signaled KEEPALIVE frame if a credit and a send slot allow and no sender is
-        stalled, else the credit-free zero-length RDMA READ (``_liveness.probe_means``).
-        A sender waiting for credits or for the peer's read of a zero-copy buffer, or
-        data queued without a credit, is "stalled": probed every ``probe_interval``
-        (TCP's persist timer), so a peer that died after acknowledging our last frame is
-        still found. Takes the connection only if nobody
-        holds it: a user call in progress means traffic; while a READ probe is out it
-        does so every tick, to poll its completion (nobody arms the send CQ for it).
-        """
-        if self.closed or self.conn.error is not None or self.peer_gone:
-            self._ticking = False
-            progress().remove_ticker(self._tick)
-            return
-        lv, conn, sp = self.liveness, self.conn, self.sp
-
-        def stalled() -> bool:
-            # A zero-copy send waits for the peer's RDMA read of our buffer: nothing of
-            # ours is outstanding then either.
-            queued = sp.cork is not None or self._eof_pending or conn.disconn_pending
-            return self._send_waits > 0 or conn.zcopy_outstanding \
-                or (queued and not conn.data_credit_ok())
-
-        lv.stalled = stalled()  # unlocked: a hint, judged again below as the owner
-        verdict = lv.check(now)
-        if (verdict is Verdict.OK and not self._probing) or not self.lock.lock(timeout=0):
-            return
-        try:
-            # Completions may sit unpolled in an un-armed CQ (the owner polls, and nobody
-            # was inside): look before judging the peer.
-            self.engine.poll_all()
-            lv.stalled = stalled()
-            verdict = lv.check(now)
-            if verdict is Verdict.OK or conn.error is not None:
-                return
-            if verdict is Verdict.DEAD:
-                try:
-                    host, port = _cm.peer_addr(self.cmid)[:2]
-                    peer = f"{host}:{port}"
-                except Exception:
-                    peer = "the peer"
-                self._fail(ConnectionReset(
-                    errno.ECONNRESET, f"connection reset: no acknowledgement from the peer "
-                    f"({peer}) for {lv.ack_timeout:g} s (peer or link down"
-                    f"{'; a liveness probe went unanswered' if self._probing else ''})"))
-                self._update_readiness()
-                if self._orphaned:
-                    self._orphan_step()
-                return
-            lv.probed(now)
-            means = lv.probe_means(frame_ok=sp.has_slot() and conn.data_credit_ok())
-            h = conn.keepalive_header() if means is Probe.FRAME else None
-            if h is not None:
-                sp.post_frame(h, None, control=True)
-            elif means is Probe.READ and not self._probing:
-                lv.posted(now, signaled=True)
-                self._probing = True
-                self._probes += 1
-                try:
-                    self.res.post_probe()
-                except UsdpError:
-                    self._probing = False
-                    lv.unposted(signaled=True)
-                    raise
-        except UsdpError as exc:
-            self._fail(exc)
-        finally:
-            self.lock.unlock()
+    def _on_dead(self) -> None:
+        """The ticker declared the peer dead and failed the connection (owner)."""
+        self._update_readiness()
+        if self.closer.orphaned:
+            self.closer.orphan_step()
 
     # ------------------------------------------------------------------ sending
 
@@ -431,7 +360,7 @@ class Endpoint:
         if sp.has_slot():
             self.conn.can_send_data()  # counts the stall
         # A writer waiting for credits or slots is throughput-bound: it naps. While it
-        # waits for the peer, the ticker probes the peer (``_tick``: a stalled sender).
+        # waits for the peer, the ticker probes the peer (``LivenessTicker``: stalled).
         self._send_waits += 1
         try:
             self.engine.wait(lambda: ready() or self._stopped(), timeout, what, nap=True)
@@ -607,7 +536,7 @@ class Endpoint:
             "send_completions": self._send_completions,
             "cm_events": self._cm_events,
             "credit_stalls": cs.credit_stalls,
-            "probes": self._probes,
+            "probes": self.ticker.probes,
             "credit_updates_sent": cs.credit_updates_sent,
             "frames_in": cs.frames_in,
             "frames_out": cs.frames_out,
@@ -625,37 +554,7 @@ class Endpoint:
         thread, which the leave hook arms for it).
         """
         with self.lock:
-            self._shutdown_write_owned()
-
-    def _shutdown_write_owned(self) -> None:
-        if self.conn.error is not None or self.peer_gone:
-            return
-        self._eof_pending = True
-        self._advance_eof()
-
-    def _advance_eof(self) -> None:
-        """Post the cork, then queue DISCONN behind it, as far as credits allow (owner)."""
-        if self.sp.cork is not None and not self.sp.flush_cork(force=True):
-            return  # corked bytes go before our EOF: wait for a credit
-        self._eof_pending = False
-        try:
-            self.conn.shutdown_write()
-        except UsdpError:
-            return
-        self.sp.send_control()
-
-    def _eof_done(self) -> bool:
-        """Our EOF is posted and every send has completed (or the connection broke)."""
-        return (not self._eof_pending and not self.conn.disconn_pending
-                and not self.sp.inflight) or self._broken()
-
-    def _wait_quiet(self, predicate: Any, timeout: float | None) -> bool:
-        """Wait for ``predicate``; False on timeout instead of raising (close paths)."""
-        try:
-            self.engine.wait(predicate, timeout, "close")
-        except (TimeoutError, BlockingIOError):
-            return False
-        return True
+            self.closer.shutdown_write_owned()
 
     def abort(self) -> None:
         """Send ABORT (best effort) and latch the error (owner only)."""
@@ -687,99 +586,20 @@ class Endpoint:
         calls wake up with EBADF; a zero-copy send in progress aborts the connection (its
         buffer is the caller's and must not stay exported).
         """
-        with self.lock:
-            if self.closing or self.closed:
-                return
-            self.closing = True
-            healthy = self.conn.error is None and not self.peer_gone
-            if healthy and (linger == 0 or self.conn.zcopy_outstanding):
-                self.abort()
-                healthy = False
-            elif healthy:
-                self._shutdown_write_owned()
-                if linger:
-                    self._wait_quiet(self._eof_done, linger)
-            if healthy and not self._eof_done():
-                self._orphaned = True
-                self._orphan_deadline = time.monotonic() + background
-                _orphans.add(self, self._orphan_deadline)
-                # A weak reference: a timer must not keep a torn-down connection's
-                # objects alive until its deadline (``_orphans`` holds it meanwhile).
-                ref = weakref.ref(self)
-                progress().schedule(self._orphan_deadline, lambda: _expire(ref))
-                log.debug("qp%d: closed; delivering the rest in the background",
-                          self.res.qp_num)
-                return  # the leave hook arms now (eager): completions drive the rest
-        progress().call(self._destroy)
+        self.closer.close(linger, background)
 
-    def _orphan_step(self) -> None:
-        """A closed connection after a drain (owner, mostly the completion thread): drop
-        what the peer sent (nobody will read it, and its credits must flow back so that
-        it can take our EOF), and tear down once our EOF is delivered or the peer gone."""
-        if self.conn.readable and not self.conn.head_is_remote:
-            self.conn.consume(self.conn.readable)
-            self._repost()
-            self.sp.send_control()
-        if self._eof_done():
-            self._orphaned = False
-            progress().schedule(time.monotonic(), self._destroy)
+    @property
+    def closing(self) -> bool:
+        """``close`` was called: user calls fail with EBADF."""
+        return self.closer.closing
 
-    def _orphan_expired(self) -> None:
-        """Completion thread: the background delivery ran out of time: abort."""
-        if self.closed or not self._orphaned:
-            return
-        if not self.lock.lock(timeout=0):
-            progress().schedule(time.monotonic() + 0.01, self._orphan_expired)
-            return
-        try:
-            log.warning("qp%d: closed connection still undelivered after its background "
-                        "time; aborting it (the peer does not read)", self.res.qp_num)
-            self.abort()
-            self._orphaned = False
-        finally:
-            self.lock.unlock()
-        self._destroy()
+    @property
+    def closed(self) -> bool:
+        """Torn down (``Closer.destroy`` ran)."""
+        return self.closer.closed
 
-    def _destroy(self) -> None:
-        """On the completion thread: unregister, disconnect, free everything.
-
-        Never waits behind a user call: a thread still inside (one woken by ``close`` on
-        its way out) makes it try again a moment later.
-        """
-        if self.closed:
-            return
-        if not self.lock.lock(timeout=0):
-            progress().schedule(time.monotonic() + 0.002, self._destroy)
-            return
-        try:
-            self.closed = True
-            self.engine.closed = True
-            self._orphaned = False
-            try:
-                self.cmid.disconnect()
-            except Exception:
-                pass  # already disconnected by the peer
-            self.res.to_error()
-            if self.readiness is not None:
-                self.readiness.set(True, True)
-        finally:
-            self.lock.unlock()
-        p = progress()
-        p.remove_ticker(self._tick)
-        for fd in (self.res.send_fd, self.res.recv_fd, self.channel.fd):
-            p.unregister(fd)
+    def _release_views(self) -> None:
         self._rviews = []
-        self.sp.release_views()
-        self.zc.close()
-        self.res.close()
-        try:
-            self.cmid.close()
-        except Exception as exc:
-            log.debug("closing the CM id: %s", exc)
-        self.channel.close()
-        if self.readiness is not None:
-            self.readiness.close()
-        _orphans.discard(self)
 
     # ------------------------------------------------------------------ MSG_PEEK
 
@@ -824,9 +644,3 @@ class Endpoint:
             pos += c.length
         return pos
 
-
-def _expire(ref: weakref.ref[Endpoint]) -> None:
-    """A closed connection's background time ran out (if it still exists)."""
-    ep = ref()
-    if ep is not None:
-        ep._orphan_expired()
