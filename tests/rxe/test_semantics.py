@@ -16,7 +16,7 @@ import stat
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import pytest
@@ -25,7 +25,7 @@ import usdp
 from tests.rxe.helpers import TIMEOUT, client, recv_exactly
 from tests.rxe.rawpeer import RECV_BUFS, SEND_AREA, SLOT, RawPeer
 from tests.rxe.test_resources import _settled_snapshot, _warm_up
-from usdp import _setup
+from usdp import _orphans, _setup
 from usdp._wire import Features, HandshakeKind, Hello, RejectReason, decode_reject
 
 CONNECT = 20.0  # a connect must complete without anyone calling accept() meanwhile
@@ -192,8 +192,12 @@ def test_the_registered_memory_budget_refuses_and_releases(host_a: str, port: in
     # What a connection reserves at setup: its receive ring (whole, for a peer without
     # GROW, as the raw peer; send slots are registered only when sends need them).
     ring = SMALL.recv_bufs * SMALL.recv_buf_size
+    # Earlier tests' closed connections give their rings back when their background
+    # delivery ends: the budget in use must be read once they are gone.
+    assert _orphans.wait_all(TIMEOUT)
+    used = _settled(lambda: BUDGET.used)
     opts = usdp.Options(recv_bufs=4, recv_buf_size=8192, send_bufs=4,
-                        mr_budget=BUDGET.used + ring + ring // 2)
+                        mr_budget=used + ring + ring // 2)
     with listening(host_a, port, options=opts) as lst:
         lst.settimeout(TIMEOUT)
         first = RawPeer(host_a, port)
@@ -204,7 +208,8 @@ def test_the_registered_memory_budget_refuses_and_releases(host_a: str, port: in
             second.close()
             assert second.rejected is not None
             assert decode_reject(second.rejected).reason is RejectReason.NO_RESOURCES
-            a.close()  # gives its rings back to the budget
+            a.close()  # gives its rings back to the budget, once its EOF is delivered
+            assert _orphans.wait_all(TIMEOUT)
             third = RawPeer(host_a, port)
             try:
                 assert third.rejected is None
@@ -213,6 +218,17 @@ def test_the_registered_memory_budget_refuses_and_releases(host_a: str, port: in
                 third.close()
         finally:
             first.close()
+
+
+def _settled(read: Callable[[], int]) -> int:
+    """A value once three readings 0.2 s apart agree (bounded by TIMEOUT)."""
+    last, same = read(), 0
+    deadline = time.monotonic() + TIMEOUT
+    while same < 2 and time.monotonic() < deadline:
+        threading.Event().wait(0.2)
+        now = read()
+        same, last = (same + 1 if now == last else 0), now
+    return last
 
 
 def _vmsize() -> int:
