@@ -1,15 +1,22 @@
-"""Shared helpers of the rxe tests (test modules do not import each other): a threaded
-listener, an echo handler, a connected client, exact reads."""
+"""Shared helpers of the rxe tests: a threaded listener, an echo handler, a connected
+client, exact reads, bounded polling waits, a connect to host B that waits for its
+listener."""
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING, TypeVar
 
 import usdp
 
+if TYPE_CHECKING:
+    from tests.rxe.conftest import HostB
+
 TIMEOUT = 60.0
+_T = TypeVar("_T")
 
 
 @contextmanager
@@ -72,3 +79,42 @@ def client(host: str, port: int, options: usdp.Options | None = None) -> usdp.Sd
     s.settimeout(TIMEOUT)
     s.connect((host, port))
     return s
+
+
+def wait_for(cond: Callable[[], object], what: str, timeout: float = TIMEOUT,
+             interval: float = 0.01) -> None:
+    """Poll ``cond`` until true (state that has no event to wait on), bounded by
+    ``timeout``; the interval only paces the polls."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(interval)
+
+
+def settled(read: Callable[[], _T], interval: float, deadline: float) -> _T:
+    """``read()`` once three readings ``interval`` apart agree, bounded by ``deadline``
+    seconds; the last reading either way (the caller's comparison then tells)."""
+    end = time.monotonic() + deadline
+    last, same = read(), 0
+    while same < 2 and time.monotonic() < end:
+        threading.Event().wait(interval)
+        now = read()
+        same, last = (same + 1 if now == last else 0), now
+    return last
+
+
+def connect_b(host_b: HostB, port: int, options: usdp.Options | None = None,
+              bound: float = 60.0) -> usdp.SdpSocket:
+    """Connect to host B's listener, retrying (bounded) while its process starts."""
+    deadline = time.monotonic() + bound
+    while True:
+        s = usdp.SdpSocket(options=options)
+        s.settimeout(30)
+        try:
+            s.connect((host_b.addr, port))
+            return s
+        except ConnectionRefusedError:
+            s.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)  # pacing retries while another VM's process comes up

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 import usdp
-from tests.rxe.helpers import TIMEOUT, client, server
+from tests.rxe.helpers import TIMEOUT, client, server, wait_for
 from tests.rxe.test_resources import _settled_snapshot, _warm_up
 from usdp import _orphans
 
@@ -76,12 +76,8 @@ def _wait_blocked(s: usdp.SdpSocket, t: threading.Thread) -> None:
     """Until the thread ``t`` sleeps inside a call on ``s`` (its CQs armed for it)."""
     ep = s._ep
     assert ep is not None
-    deadline = threading.Event()
-    for _ in range(int(TIMEOUT / 0.01)):
-        if ep.engine.stats.sleeps >= 1 or not t.is_alive():
-            return
-        deadline.wait(0.01)
-    raise AssertionError("the thread never blocked")
+    wait_for(lambda: ep.engine.stats.sleeps >= 1 or not t.is_alive(),
+             "the thread to block")
 
 
 # ------------------------------------------------------------------ item 2: close()

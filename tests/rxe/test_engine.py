@@ -19,7 +19,7 @@ import time
 import pytest
 
 import usdp
-from tests.rxe.helpers import TIMEOUT, client, echo, recv_exactly, server
+from tests.rxe.helpers import TIMEOUT, client, echo, recv_exactly, server, wait_for
 
 pytestmark = pytest.mark.rxe
 
@@ -27,13 +27,6 @@ pytestmark = pytest.mark.rxe
 def _cpu() -> float:
     ru = resource.getrusage(resource.RUSAGE_SELF)
     return ru.ru_utime + ru.ru_stime
-
-
-def _wait_for(cond: object, what: str, timeout: float = TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 def test_ping_pong_many_round_trips_exact(host_a: str, port: int) -> None:
@@ -67,7 +60,7 @@ def test_idle_connection_is_armed_and_costs_no_cpu(host_a: str, port: int) -> No
         reader = threading.Thread(target=lambda: got.append(s.recv(10)))
         cpu0, t0 = _cpu(), time.monotonic()
         reader.start()
-        _wait_for(lambda: ep.engine.armed_recv, "the receive CQ to be armed")
+        wait_for(lambda: ep.engine.armed_recv, "the receive CQ to be armed")
         time.sleep(10)  # the measured idle period, not a synchronisation
         cpu, wall = _cpu() - cpu0, time.monotonic() - t0
         assert reader.is_alive()

@@ -20,6 +20,7 @@ import pytest
 
 import usdp
 from tests.rxe.conftest import HostB
+from tests.rxe.helpers import connect_b
 from tests.rxe.peer_stream import SMALL, drain, pump, stream_sha
 
 pytestmark = pytest.mark.twohost
@@ -29,23 +30,6 @@ SEED_A, SEED_B = 11, 22
 PEER = [".venv/bin/python", "tests/rxe/peer_stream.py"]
 # Both ends get the same Options from the environment (e.g. USDP_ACK_TIMEOUT).
 PEER_ENV = {k: v for k, v in os.environ.items() if k.startswith("USDP_ACK")}
-
-
-def connect_b(host_b: HostB, port: int, options: usdp.Options | None = None,
-              bound: float = 60.0) -> usdp.SdpSocket:
-    """Connect to host B's listener, retrying (bounded) while its process starts."""
-    deadline = time.monotonic() + bound
-    while True:
-        s = usdp.SdpSocket(options=options)
-        s.settimeout(30)
-        try:
-            s.connect((host_b.addr, port))
-            return s
-        except ConnectionRefusedError:
-            s.close()
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)  # pacing retries while another VM's process comes up
 
 
 def peer_result(host_b: HostB, pid: int, timeout: float) -> dict[str, Any]:

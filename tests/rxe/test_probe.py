@@ -15,23 +15,16 @@ import os
 import socket as stdsocket
 import threading
 import time
-from typing import Any
+from collections.abc import Callable
 
 import pytest
 
 import usdp
 from tests.rxe.conftest import HostB
-from tests.rxe.helpers import client, server
+from tests.rxe.helpers import client, connect_b, server, wait_for
 from usdp._liveness import AckWatch
 
 TIMEOUT = 120.0
-
-
-def _wait_for(cond: Any, what: str, timeout: float = TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)  # pacing a poll of counters, not a synchronisation
 
 
 def _blocked_for_credits(s: usdp.SdpSocket) -> bool:
@@ -60,18 +53,12 @@ class _Sender:
         self.done_at = time.monotonic()
 
 
-def test_a_live_peer_that_does_not_read_is_probed_not_declared_dead(host_a: str,
-                                                                    port: int) -> None:
-    """One host: the server does not read, the client's sendall runs out of credits and
-    is probed (zero-length RDMA READs, answered by the server's HCA) for several probe
-    intervals without being declared dead; then the server reads and every byte arrives
-    intact, and both close cleanly."""
-    ack_timeout = 2.0  # probe interval min(1 s, ack_timeout / 2)
-    data = os.urandom(4 << 20)  # far more than the server's ring (1 MiB) and ours hold
-    go = threading.Event()
-    got: list[str] = []
+def _late_reader(data: bytes, go: threading.Event,
+                 got: list[str]) -> Callable[[usdp.SdpSocket], None]:
+    """A server handler that reads nothing until ``go``, then reads ``len(data)`` bytes
+    and records their SHA-256 in ``got``."""
 
-    def late_reader(conn: usdp.SdpSocket) -> None:
+    def read(conn: usdp.SdpSocket) -> None:
         conn.settimeout(TIMEOUT)
         assert go.wait(TIMEOUT)
         h = hashlib.sha256()
@@ -84,15 +71,32 @@ def test_a_live_peer_that_does_not_read_is_probed_not_declared_dead(host_a: str,
             n += k
         got.append(h.hexdigest())
 
+    return read
+
+
+def test_a_live_peer_that_does_not_read_is_probed_not_declared_dead(host_a: str,
+                                                                    port: int) -> None:
+    """One host: the server does not read, the client's sendall runs out of credits and
+    is probed (zero-length RDMA READs, answered by the server's HCA) for several probe
+    intervals without being declared dead; then the server reads and every byte arrives
+    intact, and both close cleanly."""
+    ack_timeout = 2.0  # probe interval min(1 s, ack_timeout / 2)
+    data = os.urandom(4 << 20)  # far more than the server's ring (1 MiB) and ours hold
+    go = threading.Event()
+    got: list[str] = []
+
+    late_reader = _late_reader(data, go, got)
+
     with server(host_a, port, late_reader) as errors, \
             client(host_a, port, usdp.Options(ack_timeout=ack_timeout)) as s:
         s.settimeout(None)  # only the watchdog could end the sendall while stalled
         sender = _Sender(s, data)
         try:
-            _wait_for(lambda: _blocked_for_credits(s), "the sendall to block on credits")
+            wait_for(lambda: _blocked_for_credits(s), "the sendall to block on credits",
+                     timeout=TIMEOUT)
             before = s.stats()["probes"]
-            _wait_for(lambda: s.stats()["probes"] >= before + 4 or not sender.thread.is_alive(),
-                      "four probes of the stalled sender")
+            wait_for(lambda: s.stats()["probes"] >= before + 4 or not sender.thread.is_alive(),
+                      "four probes of the stalled sender", timeout=TIMEOUT)
             assert sender.thread.is_alive() and sender.error is None, sender.error
             assert s.getsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_ERROR) == 0
         finally:
@@ -108,21 +112,6 @@ def test_a_live_peer_that_does_not_read_is_probed_not_declared_dead(host_a: str,
     assert got == [hashlib.sha256(data).hexdigest()]
 
 
-def _connect_b(host_b: HostB, port: int, options: usdp.Options) -> usdp.SdpSocket:
-    """Connect to host B's listener, retrying (bounded) while its process starts."""
-    deadline = time.monotonic() + TIMEOUT
-    while True:
-        s = usdp.SdpSocket(options=options)
-        s.settimeout(30)
-        try:
-            s.connect((host_b.addr, port))
-            return s
-        except ConnectionRefusedError:
-            s.close()
-            assert time.monotonic() < deadline, "host B's listener never came up"
-            time.sleep(0.2)  # pacing retries while another VM's process comes up
-
-
 @pytest.mark.twohost
 def test_sendall_blocked_on_credits_fails_when_the_link_goes_down(host_b: HostB,
                                                                    port: int) -> None:
@@ -136,11 +125,12 @@ def test_sendall_blocked_on_credits_fails_when_the_link_goes_down(host_b: HostB,
     interval = AckWatch(0.0, ack_timeout).probe_interval  # 1 s
     pid = host_b.spawn([".venv/bin/python", "tests/rxe/peer_idle.py", host_b.addr, str(port),
                         "hold", "600"])
-    s = _connect_b(host_b, port, usdp.Options(ack_timeout=ack_timeout))
+    s = connect_b(host_b, port, usdp.Options(ack_timeout=ack_timeout), TIMEOUT)
     s.settimeout(None)  # only the watchdog can end the sendall below
     sender = _Sender(s, bytes(16 << 20))  # far more than B's ring and ours hold
     try:
-        _wait_for(lambda: _blocked_for_credits(s), "the sendall to block on credits")
+        wait_for(lambda: _blocked_for_credits(s), "the sendall to block on credits",
+                 timeout=TIMEOUT)
         rxe.netem("eth0", {"loss": 100})  # everything A sends is lost (B's agent uses the
         down = time.monotonic()           # link, so only A's side)
         try:
@@ -172,18 +162,7 @@ def test_a_zero_copy_send_waiting_for_the_peer_is_probed(host_a: str, port: int)
     go = threading.Event()
     got: list[str] = []
 
-    def late_reader(conn: usdp.SdpSocket) -> None:
-        conn.settimeout(TIMEOUT)
-        assert go.wait(TIMEOUT)
-        h = hashlib.sha256()
-        n = 0
-        buf = bytearray(1 << 20)
-        while n < len(data):
-            k = conn.recv_into(buf)
-            assert k, f"EOF after {n} bytes"
-            h.update(memoryview(buf)[:k])
-            n += k
-        got.append(h.hexdigest())
+    late_reader = _late_reader(data, go, got)
 
     with server(host_a, port, late_reader, options=opts) as errors, \
             client(host_a, port, opts) as s:
@@ -192,11 +171,11 @@ def test_a_zero_copy_send_waiting_for_the_peer_is_probed(host_a: str, port: int)
         assert ep is not None
         sender = _Sender(s, data)
         try:
-            _wait_for(lambda: s.stats()["zcopy_sends"] >= 1 and ep.liveness.outstanding == 0,
-                      "the SrcAvail to be acknowledged")
+            wait_for(lambda: s.stats()["zcopy_sends"] >= 1 and ep.liveness.outstanding == 0,
+                      "the SrcAvail to be acknowledged", timeout=TIMEOUT)
             before = s.stats()["probes"]
-            _wait_for(lambda: s.stats()["probes"] >= before + 3 or not sender.thread.is_alive(),
-                      "three probes of the waiting zero-copy sender")
+            wait_for(lambda: s.stats()["probes"] >= before + 3 or not sender.thread.is_alive(),
+                      "three probes of the waiting zero-copy sender", timeout=TIMEOUT)
             assert sender.thread.is_alive() and sender.error is None, sender.error
         finally:
             go.set()

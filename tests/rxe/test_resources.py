@@ -13,7 +13,7 @@ import threading
 import time
 
 import usdp
-from tests.rxe.helpers import TIMEOUT, client, server
+from tests.rxe.helpers import TIMEOUT, client, server, settled
 from usdp import _orphans
 from usdp._engine import _wake_fd
 from usdptools.testbed.rxe import rdma_resources
@@ -40,15 +40,7 @@ def _settled_snapshot(deadline: float = 120.0) -> dict[str, int]:
     peers' teardown, a lingering close) may still be going away. Three equal readings
     in a row, with a generous bound; the last reading is returned either way, and the
     test's own comparison then tells a leak from a slow teardown."""
-    end = time.monotonic() + deadline
-    last = _snapshot()
-    same = 0
-    while same < 2 and time.monotonic() < end:
-        threading.Event().wait(0.5)
-        now = _snapshot()
-        same = same + 1 if now == last else 0
-        last = now
-    return last
+    return settled(_snapshot, 0.5, deadline)
 
 
 def _warm_up(host: str, port: int) -> None:

@@ -16,13 +16,13 @@ import stat
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
 
 import usdp
-from tests.rxe.helpers import TIMEOUT, client, recv_exactly
+from tests.rxe.helpers import TIMEOUT, client, recv_exactly, settled
 from tests.rxe.rawpeer import RECV_BUFS, SEND_AREA, SLOT, RawPeer
 from tests.rxe.test_resources import _settled_snapshot, _warm_up
 from usdp import _orphans, _setup
@@ -195,7 +195,7 @@ def test_the_registered_memory_budget_refuses_and_releases(host_a: str, port: in
     # Earlier tests' closed connections give their rings back when their background
     # delivery ends: the budget in use must be read once they are gone.
     assert _orphans.wait_all(TIMEOUT)
-    used = _settled(lambda: BUDGET.used)
+    used = settled(lambda: BUDGET.used, 0.2, TIMEOUT)
     opts = usdp.Options(recv_bufs=4, recv_buf_size=8192, send_bufs=4,
                         mr_budget=used + ring + ring // 2)
     with listening(host_a, port, options=opts) as lst:
@@ -218,17 +218,6 @@ def test_the_registered_memory_budget_refuses_and_releases(host_a: str, port: in
                 third.close()
         finally:
             first.close()
-
-
-def _settled(read: Callable[[], int]) -> int:
-    """A value once three readings 0.2 s apart agree (bounded by TIMEOUT)."""
-    last, same = read(), 0
-    deadline = time.monotonic() + TIMEOUT
-    while same < 2 and time.monotonic() < deadline:
-        threading.Event().wait(0.2)
-        now = read()
-        same, last = (same + 1 if now == last else 0), now
-    return last
 
 
 def _vmsize() -> int:
