@@ -69,6 +69,8 @@ class Endpoint:
                  zcopy_threshold: int = 0, ack_timeout: float = 0.0,
                  busy_poll: float = BUSY_POLL) -> None:
         self.cmid, self.channel, self.res = cmid, channel, res
+        if params.peer_probe_rkey:
+            res.aim_probe(params.peer_probe_rkey)
         self.zcopy_threshold = zcopy_threshold if params.zcopy else 0
         self.liveness = AckWatch(time.monotonic(), ack_timeout)  # see LivenessTicker
         self._send_waits = 0  # user calls waiting in _wait_writable (for the peer)

@@ -313,11 +313,14 @@ class QPResources:
         self._read_wr = SendWR(wr_id=READ_WR_ID, opcode=e.IBV_WR_RDMA_READ, num_sge=1,
                                sg=[self._read_sge], send_flags=e.IBV_SEND_SIGNALED)
         self._read_wr.sg_list = self._read_sge
-        # The liveness probe: a zero-length RDMA READ of the peer's address 0, rkey 0,
-        # into nothing (pyverbs 44 refuses a WR without SGEs: one of length 0).
-        # Aimed at the first receive segment (always registered, local write): a send
-        # ring may not exist yet.
+        # The liveness probe: a zero-length RDMA READ of the peer's address 0, rkey 0 until
+        # ``aim_probe`` names the peer's probe_rkey, into nothing (pyverbs 44 refuses a WR
+        # without SGEs: one of length 0 into the first receive segment; a send ring may
+        # not exist yet).
         first = self._segments[0]
+        #: Our rkey for the peer's probe to name (Hello.probe_rkey): the first receive
+        #: segment's, registered as long as the QP (rings never shrink).
+        self.probe_rkey: int = first.mr.rkey
         self._probe_sge = SGE(first.addr, 0, first.lkey)
         self._probe_wr = SendWR(wr_id=PROBE_WR_ID, opcode=e.IBV_WR_RDMA_READ, num_sge=1,
                                 sg=[self._probe_sge], send_flags=e.IBV_SEND_SIGNALED)
@@ -487,12 +490,19 @@ class QPResources:
         except PyverbsRDMAError as exc:
             raise verbs_error(exc, "posting an RDMA read") from exc
 
+    def aim_probe(self, rkey: int) -> None:
+        """Name the peer's ``probe_rkey`` in the probe (see ``Hello.probe_rkey`` for why
+        rkey 0 is not enough on rxe)."""
+        self._probe_wr.set_wr_rdma(rkey, 0)
+
     def post_probe(self) -> None:
         """Post the liveness probe: a signaled zero-length RDMA READ (``PROBE_WR_ID``).
 
         It needs no credit (the peer's HCA answers it; no receive buffer is consumed) and
         no memory of the peer's: IB spec C9-88 lets a zero-length RDMA operation skip the
-        R_Key check, so rkey 0 at address 0 is fine. It does need remote read access on
+        R_Key check. It names the peer's ``probe_rkey`` all the same (``aim_probe``):
+        rxe 6.1 re-checks the rkey of a *replayed* READ and kills the responder's QP on
+        an invalid one. It does need remote read access on
         the peer's QP, which every usdp QP grants (``modify``, INIT); measured on rxe 6.1
         by ``experiments/zero_length_probe.py`` (a zero-length WRITE would need remote
         write access, which usdp never grants). The caller keeps at most one outstanding.

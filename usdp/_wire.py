@@ -121,6 +121,10 @@ _FEATURES = struct.Struct(">I")
 # CM's zero padding or a Hello without it: no growth beyond ``recv_bufs``).
 _MAX_BUFS = struct.Struct(">H")
 _MAX_BUFS_AT: Final = HELLO_SIZE + _FEATURES.size
+# After max_recv_bufs: an rkey of the sender's that stays valid for the connection's life,
+# for the peer's zero-length READ probe to name (0, as in the CM's zero padding: none).
+_PROBE_RKEY = struct.Struct(">I")
+_PROBE_RKEY_AT: Final = _MAX_BUFS_AT + _MAX_BUFS.size
 
 class Features(IntFlag):
     """Optional capabilities offered in a Hello; used only when both sides offer them."""
@@ -440,6 +444,11 @@ class Hello:
         features: optional capabilities offered (``Features``).
         max_recv_bufs: the most receive buffers this side's ring may grow to (used only if
             the peer offers ``Features.GROW``); 0 means ``recv_bufs`` (no growth).
+        probe_rkey: an rkey of this side's, valid as long as the connection, that the
+            peer's zero-length RDMA READ liveness probe names (0: none). A zero-length
+            READ needs no valid rkey (IB spec C9-88), but rxe 6.1 re-validates the rkey
+            when it *replays* a retransmitted READ, and an invalid one then kills the
+            responder's queue pair: exactly under the loss the probe is there to detect.
 
     Raises:
         ValueError: on construction, for a kind or a field out of bounds (a local bug).
@@ -451,8 +460,11 @@ class Hello:
     max_msg: int
     features: Features = NO_FEATURES
     max_recv_bufs: int = 0
+    probe_rkey: int = 0
 
     def __post_init__(self) -> None:
+        if not 0 <= self.probe_rkey <= _U32:
+            raise ValueError(f"probe_rkey={self.probe_rkey} is not a 32-bit rkey")
         if self.kind not in (HandshakeKind.HELLO, HandshakeKind.HELLO_ACK):
             raise ValueError(f"a Hello cannot have kind {self.kind!r}")
         problem = _hello_problem(self.recv_bufs, self.recv_buf_size, self.max_msg) \
@@ -466,10 +478,11 @@ class Hello:
         return self.max_recv_bufs or self.recv_bufs
 
     def encode(self) -> bytes:
-        """The 22 bytes to put in CM private data (fits the 56-byte connect limit)."""
+        """The 26 bytes to put in CM private data (fits the 56-byte connect limit)."""
         return _HELLO.pack(
             MAGIC, PROTOCOL_VERSION, self.kind, self.recv_bufs, self.recv_buf_size, self.max_msg
-        ) + _FEATURES.pack(int(self.features)) + _MAX_BUFS.pack(self.max_recv_bufs)
+        ) + _FEATURES.pack(int(self.features)) + _MAX_BUFS.pack(self.max_recv_bufs) \
+            + _PROBE_RKEY.pack(self.probe_rkey)
 
 
 def _max_bufs_problem(recv_bufs: int, max_recv_bufs: int) -> str | None:
@@ -525,7 +538,11 @@ def decode_hello(data: Buffer, *, expect_kind: HandshakeKind) -> Hello:
         problem = _max_bufs_problem(recv_bufs, max_recv_bufs)
         if problem is not None:
             raise _handshake_error(f"{what}: {problem}", RejectReason.BAD_PARAMS)
-    return Hello(expect_kind, recv_bufs, recv_buf_size, max_msg, features, max_recv_bufs)
+    probe_rkey = 0
+    if len(data) >= _PROBE_RKEY_AT + _PROBE_RKEY.size:
+        (probe_rkey,) = _PROBE_RKEY.unpack_from(data, _PROBE_RKEY_AT)
+    return Hello(expect_kind, recv_bufs, recv_buf_size, max_msg, features, max_recv_bufs,
+                 probe_rkey)
 
 
 @dataclass(frozen=True)
@@ -621,6 +638,8 @@ class Params:
     #: The most the peer's ring may grow to, hence the most credits we can ever hold:
     #: ``peer_recv_bufs`` unless we offered GROW. 0 means ``peer_recv_bufs``.
     peer_max_recv_bufs: int = 0
+    #: The rkey the peer's Hello offered for our liveness probe to name (0: none offered).
+    peer_probe_rkey: int = 0
 
     def __post_init__(self) -> None:
         for name in ("local_recv_bufs", "peer_recv_bufs"):
@@ -664,4 +683,5 @@ def negotiate(local: Hello, peer: Hello) -> Params:
         # A ring grows only if the other side said it accepts the extra credits.
         local_max_recv_bufs=local.ring_max if peer.features & Features.GROW else 0,
         peer_max_recv_bufs=peer.ring_max if local.features & Features.GROW else 0,
+        peer_probe_rkey=peer.probe_rkey,
     )

@@ -253,9 +253,25 @@ def hello(kind: HandshakeKind = HandshakeKind.HELLO, bufs: int = 64, size: int =
 def test_hello_layout_and_size() -> None:
     data = Hello(HandshakeKind.HELLO_ACK, 64, 32768, 65536, Features.ZCOPY).encode()
     assert data == (b"USDP" + bytes([PROTOCOL_VERSION, 1])
-                    + struct.pack(">HIIIH", 64, 32768, 65536, 1, 0))
+                    + struct.pack(">HIIIHI", 64, 32768, 65536, 1, 0, 0))
     assert HELLO_SIZE == 16
-    assert len(data) == 22 <= MAX_CONNECT_PRIVATE_DATA
+    assert len(data) == 26 <= MAX_CONNECT_PRIVATE_DATA
+
+
+def test_probe_rkey_round_trip_and_negotiation() -> None:
+    """The peer's probe_rkey reaches Params; absent (an earlier revision's 22-byte Hello,
+    or the CM's zero padding) it is 0, "none offered"."""
+    keyed = Hello(HandshakeKind.HELLO, 16, 65536, 65536, Features.ZCOPY, probe_rkey=0x1234_56AB)
+    data = keyed.encode()
+    assert struct.unpack_from(">I", data, 22) == (0x1234_56AB,)
+    assert decode_hello(data, expect_kind=HandshakeKind.HELLO) == keyed
+    padded = decode_hello(data[:22] + bytes(34), expect_kind=HandshakeKind.HELLO)
+    assert padded.probe_rkey == 0
+    ack = Hello(HandshakeKind.HELLO_ACK, 16, 65536, 65536, probe_rkey=7)
+    assert negotiate(ack, keyed).peer_probe_rkey == 0x1234_56AB
+    assert negotiate(keyed, ack).peer_probe_rkey == 7
+    with pytest.raises(ValueError, match="probe_rkey"):
+        Hello(HandshakeKind.HELLO, 16, 65536, 65536, probe_rkey=1 << 32)
 
 
 def test_hello_without_features_field_offers_none() -> None:
