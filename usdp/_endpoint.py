@@ -92,6 +92,7 @@ class Endpoint:
                         peer_gone=lambda: self.peer_gone or self.closing)
         self.peer_gone = False  # CM DISCONNECTED seen
         self._cm_gone_pending = False  # ... and not yet handled by a drain
+        self._flush_pending = False  # a flushed WR seen, its cause not yet judged
         self.rd_shut = False  # shutdown(SHUT_RD): recv returns what is queued, then 0
         self.readiness: Readiness | None = None
         self.ticker = LivenessTicker(
@@ -172,6 +173,8 @@ class Endpoint:
             # one that ran before the CM event was seen, is not enough.
             self.engine.poll_both()
             self._handle_peer_gone()
+        if self._flush_pending:
+            self._judge_flush()
         if self.sp.cork is not None:
             self.sp.flush_cork()  # posts only if due and a credit allows (never after an error)
         self.sp.send_control()
@@ -255,12 +258,21 @@ class Endpoint:
 
     def _on_flush(self) -> None:
         """A flushed WR is a consequence: the QP went to error for a reason found elsewhere
-        (a send-queue completion, a CM disconnect, our own close). Look for the cause in
-        the send CQ before calling it a reset, so the error reported is the real one."""
+        (an error completion in either CQ, a CM disconnect, our own close). It is judged
+        in ``_after``, once every completion taken from the CQs so far was handled: the
+        cause may sit later in the same polled batch, or in the other CQ (a responder-side
+        error shows in the receive CQ), and the error reported must be the real one."""
+        if self.conn.error is None and not self.closing and not self.peer_gone:
+            self._flush_pending = True
+
+    def _judge_flush(self) -> None:
+        """No cause seen yet for a flush: look in both CQs, then call it a reset."""
+        self._flush_pending = False
         if self.conn.error is not None or self.closing or self.peer_gone:
             return
-        self.engine.poll_send()
-        if self.conn.error is None and not self.peer_gone:
+        self.engine.poll_both()
+        self._flush_pending = False
+        if self.conn.error is None and not self.peer_gone and not self._cm_gone_pending:
             self._fail(ConnectionReset(errno.ECONNRESET,
                                        "connection reset: the queue pair failed"))
 
