@@ -123,7 +123,13 @@ class Closer:
                 log.debug("qp%d: closed; delivering the rest in the background",
                           self.res.qp_num)
                 return  # the leave hook arms now (eager): completions drive the rest
-        progress().call(self.destroy)
+        try:
+            progress().call(self.destroy)
+        except TimeoutError:
+            # The teardown stays queued; close() itself must not fail for it (nothing the
+            # caller could do), but a completion thread this busy or stuck is worth a log.
+            log.warning("qp%d: close: the completion thread has not run the teardown "
+                        "within 30 s; it stays queued", self.res.qp_num)
 
     def orphan_step(self) -> None:
         """A closed connection after a drain (owner, mostly the completion thread): drop
@@ -185,16 +191,35 @@ class Closer:
         self._release_views()
         self.sp.release_views()
         self.zc.close()
+        slow = _SlowSteps(self.res.qp_num)
         self.res.close()
+        slow.done("destroying the QP, CQs and rings")
         try:
             self.cmid.close()
         except Exception as exc:
             log.debug("closing the CM id: %s", exc)
+        slow.done("destroying the CM id")
         self.channel.close()
         readiness = self._readiness()
         if readiness is not None:
             readiness.close()
         _orphans.discard(self)
+
+
+class _SlowSteps:
+    """Logs a teardown step that blocked the completion thread for long (kernel calls:
+    rxe waits for its tasks, the CM for its MADs), so that a stall names its step."""
+
+    SLOW: float = 2.0
+
+    def __init__(self, qp_num: int) -> None:
+        self.qp_num, self.since = qp_num, time.monotonic()
+
+    def done(self, step: str) -> None:
+        now = time.monotonic()
+        if now - self.since > self.SLOW:
+            log.warning("qp%d: teardown: %s took %.1f s", self.qp_num, step, now - self.since)
+        self.since = now
 
 
 def _expire(ref: weakref.ref[Closer]) -> None:

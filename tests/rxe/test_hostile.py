@@ -89,8 +89,10 @@ class EchoListener:
         buf = bytearray(64 * 1024)  # >= DIRECT_READ_MIN: SrcAvails are read directly
         try:
             while n := c.sock.recv_into(buf):
-                c.sock.sendall(memoryview(buf)[:n])
+                # Counted before the echo goes out: a test that saw the echo arrive then
+                # reads the count, and must not race this thread's increment.
                 c.echoed += n
+                c.sock.sendall(memoryview(buf)[:n])
         except OSError as exc:
             c.failed_at = time.monotonic()
             c.error = exc

@@ -12,6 +12,7 @@ still running); ``{"op": "kill", "pid": N, "sig": 9}``; ``{"op": "netem", "ifnam
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -30,7 +31,15 @@ AGENT_PORT = 7471
 class AgentClient:
     """Host A's side of the agent protocol."""
 
+    #: Every call is bounded: a lost link must not hang the suite.
+    CALL_TIMEOUT: ClassVar[float] = 180.0
+
     def __init__(self, host: str, port: int = AGENT_PORT, connect_timeout: float = 180.0) -> None:
+        self.host, self.port = host, port
+        self._connect(connect_timeout)
+
+    def _connect(self, connect_timeout: float) -> None:
+        host, port = self.host, self.port
         deadline = time.monotonic() + connect_timeout
         last: OSError | None = None
         while time.monotonic() < deadline:
@@ -42,14 +51,24 @@ class AgentClient:
                 time.sleep(0.5)  # retrying a connect to a booting VM: no event to wait on
         else:
             raise TimeoutError(f"host B's agent at {host}:{port} did not answer: {last}")
-        self.sock.settimeout(180)  # every agent call is bounded: a lost link must not hang
+        self.sock.settimeout(self.CALL_TIMEOUT)
         self.file = self.sock.makefile("rwb")
 
     def call(self, **req: Any) -> dict[str, Any]:
-        self.file.write(json.dumps(req).encode() + b"\n")
-        self.file.flush()
-        line = self.file.readline()
+        """One request, one reply. A call that times out or loses the connection raises,
+        and the next call starts on a fresh connection: a socket file that timed out can
+        never read again, and a late reply must not be taken for the next call's."""
+        if self.file.closed:
+            self._connect(60.0)
+        try:
+            self.file.write(json.dumps(req).encode() + b"\n")
+            self.file.flush()
+            line = self.file.readline()
+        except OSError:
+            self.close()
+            raise
         if not line:
+            self.close()
             raise ConnectionError("host B's agent closed the connection")
         reply: dict[str, Any] = json.loads(line)
         if "error" in reply:
@@ -69,7 +88,8 @@ class AgentClient:
         self.call(op="netem", ifname=ifname, spec=spec)
 
     def close(self) -> None:
-        self.file.close()
+        with contextlib.suppress(OSError):
+            self.file.close()
         self.sock.close()
 
 
