@@ -70,7 +70,7 @@ class Endpoint:
                  busy_poll: float = BUSY_POLL) -> None:
         self.cmid, self.channel, self.res = cmid, channel, res
         if params.peer_probe_rkey:
-            res.aim_probe(params.peer_probe_rkey)
+            res.aim_probe(params.peer_probe_rkey, params.peer_probe_addr)
         self.zcopy_threshold = zcopy_threshold if params.zcopy else 0
         self.liveness = AckWatch(time.monotonic(), ack_timeout)  # see LivenessTicker
         self._send_waits = 0  # user calls waiting in _wait_writable (for the peer)
@@ -248,7 +248,7 @@ class Endpoint:
             if wc.status == WC_FLUSH:
                 self._on_flush()
             elif wc.status != WC_SUCCESS and self.conn.error is None and not self.closed:
-                self._fail(from_wc(wc.status, "liveness probe (zero-length RDMA read)"))
+                self._fail(from_wc(wc.status, "liveness probe (RDMA read)"))
             return
         if wc.wr_id == READ_WR_ID:
             self.liveness.completed(time.monotonic())

@@ -18,9 +18,9 @@ persist timer, with ``ack_timeout`` as its TCP_USER_TIMEOUT.
 
 A probe is one of two things (:meth:`AckWatch.probe_means`): a signaled KEEPALIVE frame,
 which the peer's program hears too but which needs a credit and a send slot, or a
-zero-length RDMA READ, which the peer's HCA answers with no receive buffer, hence no
-credit, and no memory of the peer's (rkey 0: IB spec C9-88, a zero-length RDMA operation
-need not validate the R_Key; measured on rxe by ``experiments/zero_length_probe.py``).
+one-byte RDMA READ of a byte the peer offered in its Hello (a page of zeros), which the
+peer's HCA answers with no receive buffer, hence no credit (docs/protocol.md, section 10a,
+says why not a zero-length READ).
 A sender waiting for credits always uses the READ: a frame would spend the credit its
 data waits for.
 
@@ -49,7 +49,7 @@ class Verdict(enum.Enum):
 
 class Probe(enum.Enum):
     FRAME = "frame"  # a signaled KEEPALIVE frame: needs a credit and a send slot
-    READ = "read"  # a signaled zero-length RDMA READ: answered by the peer's HCA alone
+    READ = "read"  # a signaled one-byte RDMA READ: answered by the peer's HCA alone
 
 
 class AckWatch:

@@ -53,14 +53,14 @@ from usdp._wire import (
 log = logging.getLogger("usdp")
 
 
-def _hello(opts: Options, kind: HandshakeKind, posted: int, probe_rkey: int = 0) -> Hello:
+def _hello(opts: Options, kind: HandshakeKind, posted: int) -> Hello:
     """Our Hello: ``posted`` receive slots now (the peer's first credits), growing up to
     ``opts.recv_bufs`` if the peer offers GROW (docs/protocol.md)."""
     # Every usdp peer can *receive* zero-copy (it costs nothing until a SrcAvail comes);
     # whether it *sends* that way is its own zcopy_threshold.
     return Hello(kind, posted, opts.recv_buf_size, opts.recv_buf_size,
                  Features.ZCOPY | Features.SOLICIT | Features.GROW,
-                 max_recv_bufs=opts.recv_bufs, probe_rkey=probe_rkey)
+                 max_recv_bufs=opts.recv_bufs)
 
 
 def _dev_name(cmid: Any) -> str:
@@ -165,7 +165,8 @@ def connect(dst: _cm.SockAddr, src: str | None, opts: Options,
                              recv_initial=RECV_INITIAL)
             res.modify(cmid, QPS_INIT)
             _post_all(res)
-        hello = _hello(opts, HandshakeKind.HELLO, res.recv_slots, res.probe_rkey)
+        hello = dataclasses.replace(_hello(opts, HandshakeKind.HELLO, res.recv_slots),
+                                    probe_rkey=res.probe_rkey, probe_addr=res.probe_addr)
         param = _cm.conn_param(res.qp_num, hello.encode(), accept=False)
         _cm.cm_call(f"connect to {at}", cmid.connect, param)
         ev = _cm.expect(chan, None, deadline, f"connect to {at}")
@@ -361,7 +362,8 @@ class Listener:
             _post_all(res)
             res.modify(child, QPS_RTR)
             res.modify(child, QPS_RTS)
-            ack = dataclasses.replace(ack, probe_rkey=res.probe_rkey)  # known only now
+            ack = dataclasses.replace(ack, probe_rkey=res.probe_rkey,  # known only now
+                                      probe_addr=res.probe_addr)
             param = _cm.conn_param(res.qp_num, ack.encode(), accept=True)
             child.accept(param)
             # Not waiting for ESTABLISHED (the active side's RTU): our QP is already in

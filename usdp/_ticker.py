@@ -2,7 +2,7 @@
 
 ``_liveness.AckWatch`` decides (pure, unit-tested): OK, PROBE or DEAD. Acting on a verdict
 needs the connection: the completion thread's ticker takes its ``ConnLock`` (only if
-nobody holds it), polls the CQs, posts the probe (a KEEPALIVE frame or the zero-length
+nobody holds it), polls the CQs, posts the probe (a KEEPALIVE frame or the one-byte
 RDMA READ) or fails the connection. That is a job of its own, apart from the data path in
 ``_endpoint``, which composes this class and turns it on and off (``update``).
 """
@@ -48,7 +48,7 @@ class LivenessTicker:
         self._fail, self._broken, self._closed = fail, broken, closed
         self._send_waits, self._eof_pending, self._on_dead = send_waits, eof_pending, on_dead
         self.ticking = False
-        self.probing = False  # the zero-length READ probe is posted and not completed
+        self.probing = False  # the READ probe is posted and not completed
         self.probes = 0  # READ probes posted (stats: "probes")
 
     def set_keepalive(self, interval: float) -> None:
@@ -88,7 +88,7 @@ class LivenessTicker:
 
         DEAD fails the connection with ECONNRESET, waking every waiter. PROBE posts a
         signaled KEEPALIVE frame if a credit and a send slot allow and no sender is
-        stalled, else the credit-free zero-length RDMA READ (``_liveness.probe_means``).
+        stalled, else the credit-free one-byte RDMA READ (``_liveness.probe_means``).
         A sender waiting for credits or for the peer's read of a zero-copy buffer, or
         data queued without a credit, is "stalled": probed every ``probe_interval``
         (TCP's persist timer), so a peer that died after acknowledging our last frame is

@@ -110,6 +110,12 @@ class Device:
             raise DeviceError(errno.ENODEV, f"opening RDMA device {name!r}: {exc}; "
                               f"{NO_DEVICE_HINT}") from exc
         self.name = name
+        #: The liveness probe's page (``QPResources.post_probe``): every peer's probe reads
+        #: one byte of it (offset 0), and ours land at ``PROBE_LANDING`` of it. It holds
+        #: nothing but zeros, so its remote read right exposes no data: the only
+        #: registration with a remote right that outlives a zero-copy transfer.
+        self.probe_page = Ring(self, 1, mmap.PAGESIZE,
+                               e.IBV_ACCESS_LOCAL_WRITE | e.IBV_ACCESS_REMOTE_READ)
 
     @classmethod
     def get(cls, name: str) -> Device:
@@ -188,8 +194,9 @@ _remote_mrs_lock = threading.Lock()
 
 
 def remote_access_mrs() -> int:
-    """How many registrations with remote access rights exist now (least privilege: only
-    while a zero-copy transfer is outstanding)."""
+    """How many registrations of user memory with remote access rights exist now (least
+    privilege: only while a zero-copy transfer is outstanding). Each device's probe page
+    (``Device.probe_page``, zeros only) is not counted: its right exposes no data."""
     return _remote_mrs
 
 
@@ -226,8 +233,11 @@ class UserMR:
 
 #: wr_id of the (single) outstanding RDMA read; send slots use 0..count-1.
 READ_WR_ID = 1 << 40
-#: wr_id of the (single) outstanding liveness probe, a zero-length RDMA READ.
+#: wr_id of the (single) outstanding liveness probe, a one-byte RDMA READ.
 PROBE_WR_ID = READ_WR_ID + 1
+#: Where in our own probe page the byte our probe reads lands (away from offset 0, the byte
+#: peers read; the value is never looked at).
+PROBE_LANDING = 64
 
 
 #: Bytes a frame may have to go inline (``IBV_SEND_INLINE``: the HCA copies it from our
@@ -313,15 +323,15 @@ class QPResources:
         self._read_wr = SendWR(wr_id=READ_WR_ID, opcode=e.IBV_WR_RDMA_READ, num_sge=1,
                                sg=[self._read_sge], send_flags=e.IBV_SEND_SIGNALED)
         self._read_wr.sg_list = self._read_sge
-        # The liveness probe: a zero-length RDMA READ of the peer's address 0, rkey 0 until
-        # ``aim_probe`` names the peer's probe_rkey, into nothing (pyverbs 44 refuses a WR
-        # without SGEs: one of length 0 into the first receive segment; a send ring may
-        # not exist yet).
-        first = self._segments[0]
-        #: Our rkey for the peer's probe to name (Hello.probe_rkey): the first receive
-        #: segment's, registered as long as the QP (rings never shrink).
-        self.probe_rkey: int = first.mr.rkey
-        self._probe_sge = SGE(first.addr, 0, first.lkey)
+        # The liveness probe: until ``aim_probe`` names the byte the peer offered, a
+        # zero-length RDMA READ of the peer's address 0, rkey 0, into nothing (pyverbs 44
+        # refuses a WR without SGEs: one of length 0 into our probe page).
+        page = dev.probe_page
+        #: The byte of ours the peer's probe reads (Hello.probe_rkey, probe_addr): the
+        #: device's probe page, registered as long as the device is open.
+        self.probe_rkey: int = page.mr.rkey
+        self.probe_addr: int = page.addr
+        self._probe_sge = SGE(page.addr + PROBE_LANDING, 0, page.lkey)
         self._probe_wr = SendWR(wr_id=PROBE_WR_ID, opcode=e.IBV_WR_RDMA_READ, num_sge=1,
                                 sg=[self._probe_sge], send_flags=e.IBV_SEND_SIGNALED)
         self._probe_wr.sg_list = self._probe_sge
@@ -490,22 +500,23 @@ class QPResources:
         except PyverbsRDMAError as exc:
             raise verbs_error(exc, "posting an RDMA read") from exc
 
-    def aim_probe(self, rkey: int) -> None:
-        """Name the peer's ``probe_rkey`` in the probe (see ``Hello.probe_rkey`` for why
-        rkey 0 is not enough on rxe)."""
-        self._probe_wr.set_wr_rdma(rkey, 0)
+    def aim_probe(self, rkey: int, addr: int) -> None:
+        """Make the probe a one-byte READ of the byte the peer offered (``Hello.probe_addr``
+        says why not a zero-length one)."""
+        self._probe_sge.length = 1
+        self._probe_wr.set_wr_rdma(rkey, addr)
 
     def post_probe(self) -> None:
-        """Post the liveness probe: a signaled zero-length RDMA READ (``PROBE_WR_ID``).
+        """Post the liveness probe: a signaled one-byte RDMA READ (``PROBE_WR_ID``) of the
+        byte the peer offered in its Hello (``aim_probe``).
 
-        It needs no credit (the peer's HCA answers it; no receive buffer is consumed) and
-        no memory of the peer's: IB spec C9-88 lets a zero-length RDMA operation skip the
-        R_Key check. It names the peer's ``probe_rkey`` all the same (``aim_probe``):
-        rxe 6.1 re-checks the rkey of a *replayed* READ and kills the responder's QP on
-        an invalid one. It does need remote read access on
-        the peer's QP, which every usdp QP grants (``modify``, INIT); measured on rxe 6.1
-        by ``experiments/zero_length_probe.py`` (a zero-length WRITE would need remote
-        write access, which usdp never grants). The caller keeps at most one outstanding.
+        It needs no credit: the peer's HCA answers it, and no receive buffer is consumed.
+        It needs remote read access on the peer's QP, which every usdp QP grants
+        (``modify``, INIT), and a readable byte of the peer's: the peer's probe page.
+        Against a peer that offered none it is a zero-length READ, which IB spec C9-88
+        lets skip the R_Key check, but which rxe 6.1 cannot replay (``Hello.probe_addr``).
+        A zero-length WRITE would need remote write access, which usdp never grants.
+        The caller keeps at most one outstanding.
         """
         try:
             self.qp.post_send(self._probe_wr)

@@ -121,10 +121,14 @@ _FEATURES = struct.Struct(">I")
 # CM's zero padding or a Hello without it: no growth beyond ``recv_bufs``).
 _MAX_BUFS = struct.Struct(">H")
 _MAX_BUFS_AT: Final = HELLO_SIZE + _FEATURES.size
-# After max_recv_bufs: an rkey of the sender's that stays valid for the connection's life,
-# for the peer's zero-length READ probe to name (0, as in the CM's zero padding: none).
+# After max_recv_bufs: the rkey and address of one byte of the sender's that stays readable
+# for the connection's life, for the peer's one-byte READ probe (0, as in the CM's zero
+# padding or a shorter Hello: none offered).
 _PROBE_RKEY = struct.Struct(">I")
 _PROBE_RKEY_AT: Final = _MAX_BUFS_AT + _MAX_BUFS.size
+_PROBE_ADDR = struct.Struct(">Q")
+_PROBE_ADDR_AT: Final = _PROBE_RKEY_AT + _PROBE_RKEY.size
+_U64: Final = (1 << 64) - 1
 
 class Features(IntFlag):
     """Optional capabilities offered in a Hello; used only when both sides offer them."""
@@ -444,11 +448,14 @@ class Hello:
         features: optional capabilities offered (``Features``).
         max_recv_bufs: the most receive buffers this side's ring may grow to (used only if
             the peer offers ``Features.GROW``); 0 means ``recv_bufs`` (no growth).
-        probe_rkey: an rkey of this side's, valid as long as the connection, that the
-            peer's zero-length RDMA READ liveness probe names (0: none). A zero-length
-            READ needs no valid rkey (IB spec C9-88), but rxe 6.1 re-validates the rkey
-            when it *replays* a retransmitted READ, and an invalid one then kills the
-            responder's queue pair: exactly under the loss the probe is there to detect.
+        probe_rkey: the rkey of a byte of this side's, readable as long as the
+            connection lives, that the peer's liveness probe (a one-byte RDMA READ) reads
+            (0: none offered).
+        probe_addr: that byte's address (with ``probe_rkey``). Why not a zero-length
+            READ, which needs no rkey at all (IB spec C9-88): rxe (Linux 6.1) forgets the
+            rkey of a zero-length READ, and when it *replays* one whose response was lost
+            it re-validates that forgotten rkey 0 and kills its own queue pair, exactly
+            under the loss the probe is there to detect (docs/protocol.md, section 10a).
 
     Raises:
         ValueError: on construction, for a kind or a field out of bounds (a local bug).
@@ -461,10 +468,13 @@ class Hello:
     features: Features = NO_FEATURES
     max_recv_bufs: int = 0
     probe_rkey: int = 0
+    probe_addr: int = 0
 
     def __post_init__(self) -> None:
         if not 0 <= self.probe_rkey <= _U32:
             raise ValueError(f"probe_rkey={self.probe_rkey} is not a 32-bit rkey")
+        if not 0 <= self.probe_addr <= _U64:
+            raise ValueError(f"probe_addr={self.probe_addr} is not a 64-bit address")
         if self.kind not in (HandshakeKind.HELLO, HandshakeKind.HELLO_ACK):
             raise ValueError(f"a Hello cannot have kind {self.kind!r}")
         problem = _hello_problem(self.recv_bufs, self.recv_buf_size, self.max_msg) \
@@ -478,11 +488,11 @@ class Hello:
         return self.max_recv_bufs or self.recv_bufs
 
     def encode(self) -> bytes:
-        """The 26 bytes to put in CM private data (fits the 56-byte connect limit)."""
+        """The 34 bytes to put in CM private data (fits the 56-byte connect limit)."""
         return _HELLO.pack(
             MAGIC, PROTOCOL_VERSION, self.kind, self.recv_bufs, self.recv_buf_size, self.max_msg
         ) + _FEATURES.pack(int(self.features)) + _MAX_BUFS.pack(self.max_recv_bufs) \
-            + _PROBE_RKEY.pack(self.probe_rkey)
+            + _PROBE_RKEY.pack(self.probe_rkey) + _PROBE_ADDR.pack(self.probe_addr)
 
 
 def _max_bufs_problem(recv_bufs: int, max_recv_bufs: int) -> str | None:
@@ -538,11 +548,13 @@ def decode_hello(data: Buffer, *, expect_kind: HandshakeKind) -> Hello:
         problem = _max_bufs_problem(recv_bufs, max_recv_bufs)
         if problem is not None:
             raise _handshake_error(f"{what}: {problem}", RejectReason.BAD_PARAMS)
-    probe_rkey = 0
-    if len(data) >= _PROBE_RKEY_AT + _PROBE_RKEY.size:
+    probe_rkey = probe_addr = 0
+    if len(data) >= _PROBE_ADDR_AT + _PROBE_ADDR.size:
+        # Both or neither: an rkey without its address names nothing a probe can read.
         (probe_rkey,) = _PROBE_RKEY.unpack_from(data, _PROBE_RKEY_AT)
+        (probe_addr,) = _PROBE_ADDR.unpack_from(data, _PROBE_ADDR_AT)
     return Hello(expect_kind, recv_bufs, recv_buf_size, max_msg, features, max_recv_bufs,
-                 probe_rkey)
+                 probe_rkey, probe_addr)
 
 
 @dataclass(frozen=True)
@@ -638,8 +650,10 @@ class Params:
     #: The most the peer's ring may grow to, hence the most credits we can ever hold:
     #: ``peer_recv_bufs`` unless we offered GROW. 0 means ``peer_recv_bufs``.
     peer_max_recv_bufs: int = 0
-    #: The rkey the peer's Hello offered for our liveness probe to name (0: none offered).
+    #: The byte the peer's Hello offered for our liveness probe to read (rkey 0: none
+    #: offered; the probe is then a zero-length READ, see ``Hello.probe_addr``).
     peer_probe_rkey: int = 0
+    peer_probe_addr: int = 0
 
     def __post_init__(self) -> None:
         for name in ("local_recv_bufs", "peer_recv_bufs"):
@@ -684,4 +698,5 @@ def negotiate(local: Hello, peer: Hello) -> Params:
         local_max_recv_bufs=local.ring_max if peer.features & Features.GROW else 0,
         peer_max_recv_bufs=peer.ring_max if local.features & Features.GROW else 0,
         peer_probe_rkey=peer.probe_rkey,
+        peer_probe_addr=peer.probe_addr,
     )

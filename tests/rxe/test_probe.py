@@ -3,7 +3,7 @@ a dead peer, and does not mistake a live peer that does not read for a dead one.
 
 A sender out of credits has nothing outstanding once the peer's HCA acknowledged its last
 frame, and a KEEPALIVE frame would need a credit. TCP's persist timer probes a zero
-window; usdp posts a zero-length RDMA READ (``_verbs.PROBE_WR_ID``), which the peer's HCA
+window; usdp posts a one-byte RDMA READ (``_verbs.PROBE_WR_ID``), which the peer's HCA
 answers without a receive buffer, and the ack watchdog declares the peer dead when one
 stays unanswered for ``ack_timeout``.
 """
@@ -77,7 +77,7 @@ def _late_reader(data: bytes, go: threading.Event,
 def test_a_live_peer_that_does_not_read_is_probed_not_declared_dead(host_a: str,
                                                                     port: int) -> None:
     """One host: the server does not read, the client's sendall runs out of credits and
-    is probed (zero-length RDMA READs, answered by the server's HCA) for several probe
+    is probed (one-byte RDMA READs, answered by the server's HCA) for several probe
     intervals without being declared dead; then the server reads and every byte arrives
     intact, and both close cleanly."""
     ack_timeout = 2.0  # probe interval min(1 s, ack_timeout / 2)

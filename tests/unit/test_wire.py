@@ -253,25 +253,34 @@ def hello(kind: HandshakeKind = HandshakeKind.HELLO, bufs: int = 64, size: int =
 def test_hello_layout_and_size() -> None:
     data = Hello(HandshakeKind.HELLO_ACK, 64, 32768, 65536, Features.ZCOPY).encode()
     assert data == (b"USDP" + bytes([PROTOCOL_VERSION, 1])
-                    + struct.pack(">HIIIHI", 64, 32768, 65536, 1, 0, 0))
+                    + struct.pack(">HIIIHIQ", 64, 32768, 65536, 1, 0, 0, 0))
     assert HELLO_SIZE == 16
-    assert len(data) == 26 <= MAX_CONNECT_PRIVATE_DATA
+    assert len(data) == 34 <= MAX_CONNECT_PRIVATE_DATA
 
 
-def test_probe_rkey_round_trip_and_negotiation() -> None:
-    """The peer's probe_rkey reaches Params; absent (an earlier revision's 22-byte Hello,
-    or the CM's zero padding) it is 0, "none offered"."""
-    keyed = Hello(HandshakeKind.HELLO, 16, 65536, 65536, Features.ZCOPY, probe_rkey=0x1234_56AB)
+def test_probe_byte_round_trip_and_negotiation() -> None:
+    """The byte the peer offers its probe (rkey and address) reaches Params; absent (an
+    earlier revision's shorter Hello, or the CM's zero padding) it is 0, "none offered",
+    and an rkey without its address (the 26-byte Hello of one revision) counts as none."""
+    addr = 0x7F12_3456_7000
+    keyed = Hello(HandshakeKind.HELLO, 16, 65536, 65536, Features.ZCOPY,
+                  probe_rkey=0x1234_56AB, probe_addr=addr)
     data = keyed.encode()
-    assert struct.unpack_from(">I", data, 22) == (0x1234_56AB,)
+    assert struct.unpack_from(">IQ", data, 22) == (0x1234_56AB, addr)
     assert decode_hello(data, expect_kind=HandshakeKind.HELLO) == keyed
     padded = decode_hello(data[:22] + bytes(34), expect_kind=HandshakeKind.HELLO)
-    assert padded.probe_rkey == 0
-    ack = Hello(HandshakeKind.HELLO_ACK, 16, 65536, 65536, probe_rkey=7)
-    assert negotiate(ack, keyed).peer_probe_rkey == 0x1234_56AB
-    assert negotiate(keyed, ack).peer_probe_rkey == 7
+    assert (padded.probe_rkey, padded.probe_addr) == (0, 0)
+    rkey_only = decode_hello(data[:26], expect_kind=HandshakeKind.HELLO)
+    assert (rkey_only.probe_rkey, rkey_only.probe_addr) == (0, 0)
+    ack = Hello(HandshakeKind.HELLO_ACK, 16, 65536, 65536, probe_rkey=7, probe_addr=4096)
+    assert (negotiate(ack, keyed).peer_probe_rkey,
+            negotiate(ack, keyed).peer_probe_addr) == (0x1234_56AB, addr)
+    assert (negotiate(keyed, ack).peer_probe_rkey,
+            negotiate(keyed, ack).peer_probe_addr) == (7, 4096)
     with pytest.raises(ValueError, match="probe_rkey"):
         Hello(HandshakeKind.HELLO, 16, 65536, 65536, probe_rkey=1 << 32)
+    with pytest.raises(ValueError, match="probe_addr"):
+        Hello(HandshakeKind.HELLO, 16, 65536, 65536, probe_addr=1 << 64)
 
 
 def test_hello_without_features_field_offers_none() -> None:
