@@ -250,6 +250,8 @@ def test_killed_peer_is_connection_lost(host_a: str, port: int) -> None:
 
 
 def test_server_interface(host_a: str, port: int) -> None:
+    step = ["start"]  # the step in progress: a stall fails naming it, never hangs the suite
+
     async def main() -> list[str]:
         steps: list[str] = []
         server = await usdp.asyncio.create_server(Echo, host_a, port, start_serving=False)
@@ -258,10 +260,12 @@ def test_server_interface(host_a: str, port: int) -> None:
         assert server.is_serving()
         forever = asyncio.create_task(server.serve_forever())
         await asyncio.sleep(0)
+        step[0] = "connect"
         transport, sink = await usdp.asyncio.create_connection(
             lambda: Sink(5), host_a, port)
         sink.keep = True
         transport.write(b"hello")
+        step[0] = "echo of hello"
         await asyncio.wait_for(sink.done, TIMEOUT)
         steps.append(bytes(sink.data).decode())
         forever.cancel()  # serve_forever's cancellation closes the server...
@@ -271,6 +275,7 @@ def test_server_interface(host_a: str, port: int) -> None:
         steps.append("waiting" if not closing.done() else "early")
         assert server.sockets == () and not server.is_serving()
         transport.close()
+        step[0] = "wait_closed after the client's close"
         await asyncio.wait_for(closing, TIMEOUT)
         steps.append("closed")
         try:
@@ -278,16 +283,41 @@ def test_server_interface(host_a: str, port: int) -> None:
         except asyncio.CancelledError:
             steps.append("cancelled")
         # The port is free again: a new server binds it, and close_clients() ends a client.
-        server2 = await usdp.asyncio.create_server(Echo, host_a, port)
-        async with server2:
-            transport, sink = await usdp.asyncio.create_connection(Sink, host_a, port)
-            await asyncio.sleep(0)
-            server2.close_clients()
-            await asyncio.wait_for(sink.lost, TIMEOUT)
-            steps.append(",".join(sink.events))
+        step[0] = "second server"
+        made = asyncio.Event()
+
+        def echo_telling() -> Echo:
+            made.set()  # the server took the connection: close_clients() now reaches it
+            return Echo()
+
+        server2 = await usdp.asyncio.create_server(echo_telling, host_a, port)
+        transport, sink = await usdp.asyncio.create_connection(Sink, host_a, port)
+        # Our connect completes when the CM says ESTABLISHED, which may be before the
+        # server's loop accepted the connection; close_clients() closes only the
+        # connections the server made (as asyncio's does), so wait for that first.
+        step[0] = "the second server's accept"
+        await asyncio.wait_for(made.wait(), TIMEOUT)
+        server2.close_clients()
+        step[0] = "client's connection_lost after close_clients()"
+        await asyncio.wait_for(sink.lost, TIMEOUT)
+        steps.append(",".join(sink.events))
+        server2.close()
+        step[0] = "second server's wait_closed"
+        await asyncio.wait_for(server2.wait_closed(), TIMEOUT)
         return steps
 
-    steps = asyncio.run(asyncio.wait_for(main(), TIMEOUT))
+    async def bounded() -> list[str]:
+        # Not wait_for(main()): on its timeout it waits for main() to finish cancelling,
+        # and an ``async with server`` exit would then wait for ever.
+        task = asyncio.create_task(main())
+        done, _ = await asyncio.wait({task}, timeout=3 * TIMEOUT)
+        assert done, f"stalled at: {step[0]}"
+        exc = task.exception()
+        if isinstance(exc, TimeoutError):
+            raise AssertionError(f"timed out at: {step[0]}") from exc
+        return task.result()
+
+    steps = asyncio.run(bounded())
     assert steps == ["hello", "waiting", "closed", "cancelled", "eof,lost"]
 
 
