@@ -6,8 +6,10 @@ be back at its baseline.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import os
+import re
 import socket as stdsocket
 import threading
 import time
@@ -21,6 +23,18 @@ from usdptools.testbed.rxe import rdma_resources
 
 def _fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
+
+
+def _fd_kinds() -> collections.Counter[str]:
+    """What the process's fds are, by kind (``anon_inode:[eventfd]``, ``socket:``,
+    ``/dev/infiniband/uverbs0``...; inode numbers dropped)."""
+    kinds: collections.Counter[str] = collections.Counter()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            kinds[re.sub(r"\[\d+\]$", "", os.readlink(f"/proc/self/fd/{name}"))] += 1
+        except OSError:
+            pass  # listdir's own fd, closed by now
+    return kinds
 
 
 def _rss_kib() -> int:
@@ -143,19 +157,24 @@ def test_open_close_cycles_release_everything(host_a: str, port: int) -> None:
     # A thread that ever slept on a connection keeps one eventfd for its lifetime (the
     # engine's wake fd, per thread, not per connection): make sure ours exists.
     _wake_fd()
-    base, rss = _settled_snapshot(), _rss_kib()
+    base, rss, base_kinds = _settled_snapshot(), _rss_kib(), _fd_kinds()
     t0 = time.monotonic()
     run(cycles)
     secs = time.monotonic() - t0
     assert _orphans.wait_all(TIMEOUT), "closed connections never went away"
-    after, rss_after = _settled_snapshot(), _rss_kib()
+    after, rss_after, after_kinds = _settled_snapshot(), _rss_kib(), _fd_kinds()
     print(f"\n{cycles} open/close cycles in {secs:.1f} s: {base} -> {after}, RSS {rss} -> "
           f"{rss_after} KiB ({(rss_after - rss) / cycles:.2f} KiB per cycle)")
     # Verbs objects exactly back; fds never above the baseline (a leak over 1000 cycles
-    # would add hundreds). One fewer is a thread's wake fd that the baseline still saw: a
-    # thread of the warm-up whose thread-local state had not been freed yet.
+    # would add hundreds), and none of a new kind.
     assert {k: v for k, v in after.items() if k != "fd"} == \
         {k: v for k, v in base.items() if k != "fd"}
-    assert base["fd"] - 1 <= after["fd"] <= base["fd"], (base, after)
+    assert after["fd"] <= base["fd"], (base, after)
+    assert not after_kinds - base_kinds, (base_kinds, after_kinds)
+    # Fewer is allowed only for eventfds: the wake fds (one per thread that ever slept on
+    # a connection, freed with the thread's thread-local state) of warm-up threads that
+    # the baseline still saw. Any other fd gone would be one usdp closed twice.
+    gone = base_kinds - after_kinds
+    assert set(gone) <= {"anon_inode:[eventfd]"}, gone
     assert threading.active_count() < 20
     assert rss_after - rss < 20 * 1024  # KiB; pyverbs 44 leaks ~16 B per send WR
