@@ -650,8 +650,8 @@ class Params:
     #: The most the peer's ring may grow to, hence the most credits we can ever hold:
     #: ``peer_recv_bufs`` unless we offered GROW. 0 means ``peer_recv_bufs``.
     peer_max_recv_bufs: int = 0
-    #: The byte the peer's Hello offered for our liveness probe to read (rkey 0: none
-    #: offered; the probe is then a zero-length READ, see ``Hello.probe_addr``).
+    #: The byte the peer's Hello offered for our liveness probe to read (rkey or address
+    #: 0: none offered; the probe is then a zero-length READ, see ``Hello.probe_addr``).
     peer_probe_rkey: int = 0
     peer_probe_addr: int = 0
 
