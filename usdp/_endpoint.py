@@ -69,7 +69,7 @@ class Endpoint:
                  zcopy_threshold: int = 0, ack_timeout: float = 0.0,
                  busy_poll: float = BUSY_POLL) -> None:
         self.cmid, self.channel, self.res = cmid, channel, res
-        if params.peer_probe_rkey and params.peer_probe_addr:  # else a zero-length READ
+        if params.peer_probe_rkey:  # else a zero-length READ (see Params)
             res.aim_probe(params.peer_probe_rkey, params.peer_probe_addr)
         self.zcopy_threshold = zcopy_threshold if params.zcopy else 0
         self.liveness = AckWatch(time.monotonic(), ack_timeout)  # see LivenessTicker

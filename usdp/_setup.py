@@ -63,6 +63,12 @@ def _hello(opts: Options, kind: HandshakeKind, posted: int) -> Hello:
                  max_recv_bufs=opts.recv_bufs)
 
 
+def _offering_probe(hello: Hello, res: QPResources) -> Hello:
+    """``hello`` offering our probe page's byte for the peer's liveness probe to read (known
+    only once the resources exist)."""
+    return dataclasses.replace(hello, probe_rkey=res.probe_rkey, probe_addr=res.probe_addr)
+
+
 def _dev_name(cmid: Any) -> str:
     name = cmid.dev_name
     return name.decode() if isinstance(name, bytes) else str(name)
@@ -165,8 +171,7 @@ def connect(dst: _cm.SockAddr, src: str | None, opts: Options,
                              recv_initial=RECV_INITIAL)
             res.modify(cmid, QPS_INIT)
             _post_all(res)
-        hello = dataclasses.replace(_hello(opts, HandshakeKind.HELLO, res.recv_slots),
-                                    probe_rkey=res.probe_rkey, probe_addr=res.probe_addr)
+        hello = _offering_probe(_hello(opts, HandshakeKind.HELLO, res.recv_slots), res)
         param = _cm.conn_param(res.qp_num, hello.encode(), accept=False)
         _cm.cm_call(f"connect to {at}", cmid.connect, param)
         ev = _cm.expect(chan, None, deadline, f"connect to {at}")
@@ -362,8 +367,7 @@ class Listener:
             _post_all(res)
             res.modify(child, QPS_RTR)
             res.modify(child, QPS_RTS)
-            ack = dataclasses.replace(ack, probe_rkey=res.probe_rkey,  # known only now
-                                      probe_addr=res.probe_addr)
+            ack = _offering_probe(ack, res)
             param = _cm.conn_param(res.qp_num, ack.encode(), accept=True)
             child.accept(param)
             # Not waiting for ESTABLISHED (the active side's RTU): our QP is already in

@@ -681,6 +681,7 @@ def negotiate(local: Hello, peer: Hello) -> Params:
         HandshakeError: BAD_PARAMS if our ``max_msg`` leaves no room for any payload.
     """
     largest = min(peer.recv_buf_size, local.max_msg)
+    probe_offered = bool(peer.probe_rkey and peer.probe_addr)
     if largest <= HEADER_SIZE:
         raise _handshake_error(
             f"max_msg={local.max_msg} leaves no room for data", RejectReason.BAD_PARAMS
@@ -697,6 +698,7 @@ def negotiate(local: Hello, peer: Hello) -> Params:
         # A ring grows only if the other side said it accepts the extra credits.
         local_max_recv_bufs=local.ring_max if peer.features & Features.GROW else 0,
         peer_max_recv_bufs=peer.ring_max if local.features & Features.GROW else 0,
-        peer_probe_rkey=peer.probe_rkey,
-        peer_probe_addr=peer.probe_addr,
+        # A byte offered in part (rkey or address 0) names nothing a probe can read.
+        peer_probe_rkey=peer.probe_rkey if probe_offered else 0,
+        peer_probe_addr=peer.probe_addr if probe_offered else 0,
     )

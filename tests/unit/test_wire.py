@@ -277,6 +277,11 @@ def test_probe_byte_round_trip_and_negotiation() -> None:
             negotiate(ack, keyed).peer_probe_addr) == (0x1234_56AB, addr)
     assert (negotiate(keyed, ack).peer_probe_rkey,
             negotiate(keyed, ack).peer_probe_addr) == (7, 4096)
+    for rkey, probe_addr in ((7, 0), (0, 4096)):  # offered in part: none
+        partial = Hello(HandshakeKind.HELLO_ACK, 16, 65536, 65536, probe_rkey=rkey,
+                        probe_addr=probe_addr)
+        assert (negotiate(keyed, partial).peer_probe_rkey,
+                negotiate(keyed, partial).peer_probe_addr) == (0, 0)
     with pytest.raises(ValueError, match="probe_rkey"):
         Hello(HandshakeKind.HELLO, 16, 65536, 65536, probe_rkey=1 << 32)
     with pytest.raises(ValueError, match="probe_addr"):
